@@ -1,0 +1,27 @@
+"""Feature extractors, looked up by kind (`features.kind` in configs)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..backbones import Backbone
+from ..errors import ConfigError
+from .base import PatchFeatures
+from .embeddings import EmbeddingFeatures
+
+_REGISTRY: dict[str, Callable[..., PatchFeatures]] = {"embeddings": EmbeddingFeatures}
+
+
+def register(kind: str, factory: Callable[..., PatchFeatures]) -> None:
+    """Make a feature extractor available under `kind`."""
+    _REGISTRY[kind] = factory
+
+
+def build_patch_features(kind: str, backbone: Backbone, options: dict[str, Any] | None = None) -> PatchFeatures:
+    """Create the patch feature extractor `kind` on `backbone` with its options."""
+    if kind not in _REGISTRY:
+        raise ConfigError(f"unknown features.kind {kind!r}; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[kind](backbone, **(options or {}))
+
+
+__all__ = ["PatchFeatures", "EmbeddingFeatures", "build_patch_features", "register"]

@@ -1,0 +1,64 @@
+"""The interface every patch feature extractor implements (embeddings, FUNGI, ...)."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+
+from ..backbones import Backbone
+
+
+class PatchFeatures(abc.ABC):
+    """Maps a batch of images to one L2-normalised feature per patch.
+
+    `select` lets the memory-bank builder ask only for the patches it keeps, so
+    extractors whose per-patch cost is high (FUNGI projections) skip the rest.
+    """
+
+    kind: str = ""
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+
+    @property
+    @abc.abstractmethod
+    def dim(self) -> int:
+        """Feature dimension D."""
+
+    @property
+    def needs_support(self) -> bool:
+        """Whether `set_support` must be called before extraction (FUNGI negatives)."""
+        return False
+
+    def set_support(self, features: torch.Tensor) -> None:
+        """Give the extractor a support set of raw patch embeddings (M, E), unit rows."""
+        raise NotImplementedError(f"{self.kind} features take no support set")
+
+    def options(self) -> dict[str, Any]:
+        """Options that change the features; recorded in bank manifests."""
+        return {}
+
+    def manifest(self) -> dict[str, Any]:
+        """Everything a memory bank and its queries must agree on."""
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            "backbone": self.backbone.name,
+            "timm_name": self.backbone.timm_name,
+            "weights": self.backbone.weights_id,
+            "options": self.options(),
+        }
+
+    @abc.abstractmethod
+    def __call__(self, images: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, N, D) features, or (B, n, D) for `select` (B, n) patch ids."""
+
+
+def select_patches(features: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:
+    """Gather rows `select` (B, n) from per-patch features (B, N, D) -> (B, n, D)."""
+    if select is None:
+        return features
+    index = select.to(features.device).unsqueeze(-1).expand(-1, -1, features.shape[-1])
+    return torch.gather(features, 1, index)

@@ -1,0 +1,90 @@
+"""Label transfer: retrieve each patch's neighbours and average their soft labels (spec 5)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .memory_bank import MemoryBank
+from .retrieval import Index, build_index
+
+log = logging.getLogger(__name__)
+
+
+def attention_weights(query: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax over cosine similarities / temperature: (n, D), (n, k, D) -> (n, k)."""
+    q = F.normalize(query.float(), dim=-1)
+    k = F.normalize(keys.float(), dim=-1)
+    sims = torch.einsum("nd,nkd->nk", q, k)
+    return torch.softmax(sims / temperature, dim=-1)
+
+
+def aggregate_labels(weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of neighbour soft labels: (n, k), (n, k, C) -> (n, C)."""
+    return torch.einsum("nk,nkc->nc", weights, labels)
+
+
+class LabelTransfer:
+    """Patch features -> class distributions by k-NN retrieval from a memory bank."""
+
+    def __init__(self, bank: MemoryBank, index: Index, k: int = 30, temperature: float = 0.02,
+                 rescore: bool = True) -> None:
+        if k > bank.count:
+            log.warning("k=%d exceeds the %d rows of the memory bank; using k=%d", k, bank.count, bank.count)
+            k = bank.count
+        self.bank, self.index, self.k, self.temperature, self.rescore = bank, index, k, temperature, rescore
+
+    @classmethod
+    def from_bank(cls, bank: MemoryBank, backend: str = "torch", k: int = 30, temperature: float = 0.02,
+                  rescore: bool = True, **options) -> "LabelTransfer":
+        """Index `bank` block by block with `backend`, then wrap it."""
+        index = build_index(backend, bank.dim, **options)
+        for block in tqdm(list(bank.feature_chunks()), desc=f"index ({backend})", unit="shard",
+                          disable=len(bank.feature_blocks) < 4):
+            index.add(block)
+        return cls(bank, index, k=k, temperature=temperature, rescore=rescore)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) query features -> (B, N, C) class distributions."""
+        batch, num, dim = features.shape
+        flat = features.reshape(-1, dim).float().cpu()
+        scores, ids = self.index.search(flat, self.k)  # (BN, k)
+        if self.rescore:
+            weights = attention_weights(flat, self.bank.gather_features(ids), self.temperature)
+        else:  # index scores are inner products of unit vectors already
+            weights = torch.softmax(scores / self.temperature, dim=-1)
+        probs = aggregate_labels(weights, self.bank.gather_labels(ids))  # (BN, C)
+        return probs.reshape(batch, num, -1)
+
+
+def patch_probs_to_map(probs: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(N, C) row-major patch distributions -> (C, h, w)."""
+    return probs.reshape(grid[0], grid[1], -1).permute(2, 0, 1)
+
+
+def upsample_probs(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling (align_corners=False) of (C, h, w) -> (C, H, W)."""
+    return F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+
+
+def upsample_argmax(maps: torch.Tensor, size: tuple[int, int], class_chunk: int = 32) -> torch.Tensor:
+    """argmax over classes of the bilinearly upsampled (C, h, w) maps -> (H, W) int64.
+
+    Upsamples `class_chunk` classes at a time (interpolation is per channel, so this is
+    exact) and keeps a running maximum; ties go to the lowest class id, as torch.argmax.
+    """
+    best_value = best_class = None
+    for start in range(0, maps.shape[0], class_chunk):
+        up = upsample_probs(maps[start:start + class_chunk], size)  # (c, H, W)
+        value, cls = up.max(0)
+        cls = cls + start
+        if best_value is None:
+            best_value, best_class = value, cls
+        else:
+            better = value > best_value
+            best_value = torch.where(better, value, best_value)
+            best_class = torch.where(better, cls, best_class)
+    return best_class

@@ -1,0 +1,56 @@
+"""Label transfer against a hand computation, and chunked upsampling against the plain one."""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hummingbird_fungi.label_transfer import (LabelTransfer, aggregate_labels, attention_weights,
+                                              patch_probs_to_map, upsample_argmax)
+from hummingbird_fungi.memory_bank import MemoryBank
+
+
+def test_attention_by_hand():
+    query = torch.tensor([[2.0, 0.0]])  # not unit: normalised inside
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 3.0]]])
+    w = attention_weights(query, keys, temperature=0.5)
+    e1, e0 = math.exp(1 / 0.5), math.exp(0.0)
+    assert torch.allclose(w, torch.tensor([[e1 / (e1 + e0), e0 / (e1 + e0)]]))
+    labels = torch.tensor([[[1.0, 0.0], [0.25, 0.75]]])
+    out = aggregate_labels(w, labels)
+    expected = [(e1 * 1 + e0 * 0.25) / (e1 + e0), (e0 * 0.75) / (e1 + e0)]
+    assert torch.allclose(out, torch.tensor([expected]))
+
+
+def test_zero_row_gets_zero_similarity():
+    w = attention_weights(torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.0, 0.0], [1.0, 0.0]]]), 1.0)
+    assert torch.allclose(w[0, 0] / w[0, 1], torch.tensor(math.exp(-1.0)))
+
+
+def test_label_transfer_end_to_end_by_hand():
+    feats = np.array([[1, 0], [0, 1], [0.6, 0.8]], dtype=np.float32)
+    labels = np.array([[1, 0], [0, 1], [0.5, 0.5]], dtype=np.float32)
+    bank = MemoryBank.from_arrays(feats, labels, {})
+    transfer = LabelTransfer.from_bank(bank, "torch", k=2, temperature=0.1)
+    query = torch.tensor([[[1.0, 0.1]]])  # (B=1, N=1, D=2)
+    probs = transfer(query)
+    q = query[0, 0] / query[0, 0].norm()
+    sims = torch.tensor(feats) @ q
+    top = sims.topk(2).indices
+    w = torch.softmax(sims[top] / 0.1, 0)
+    expected = (w[:, None] * torch.tensor(labels)[top]).sum(0)
+    assert torch.allclose(probs[0, 0], expected, atol=1e-6)
+
+
+def test_chunked_upsample_argmax_equals_plain():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(12, 151), -1)  # (N=3x4, C)
+    maps = patch_probs_to_map(probs, (3, 4))
+    plain = F.interpolate(maps[None], size=(30, 41), mode="bilinear", align_corners=False)[0].argmax(0)
+    assert torch.equal(upsample_argmax(maps, (30, 41), class_chunk=16), plain)
+
+
+def test_upsample_ties_go_to_lowest_class():
+    maps = torch.ones(5, 2, 2)
+    assert upsample_argmax(maps, (4, 4), class_chunk=2).eq(0).all()
