@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
         "path": None,
     },
     "retrieval": {"backend": "torch", "k": 30, "options": {}},
-    "transfer": {"temperature": 0.02, "rescore": True, "class_chunk": 32},
+    "transfer": {"temperature": 0.02, "rescore": True, "rerank": 0, "class_chunk": 32},
 }
 
 

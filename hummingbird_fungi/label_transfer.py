@@ -14,12 +14,14 @@ from .retrieval import Index, build_index
 log = logging.getLogger(__name__)
 
 
+def cosine_similarities(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Cosine of each query with its neighbours: (n, D), (n, k, D) -> (n, k); zero rows give 0."""
+    return torch.einsum("nd,nkd->nk", F.normalize(query.float(), dim=-1), F.normalize(keys.float(), dim=-1))
+
+
 def attention_weights(query: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
     """Softmax over cosine similarities / temperature: (n, D), (n, k, D) -> (n, k)."""
-    q = F.normalize(query.float(), dim=-1)
-    k = F.normalize(keys.float(), dim=-1)
-    sims = torch.einsum("nd,nkd->nk", q, k)
-    return torch.softmax(sims / temperature, dim=-1)
+    return torch.softmax(cosine_similarities(query, keys) / temperature, dim=-1)
 
 
 def aggregate_labels(weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -28,34 +30,50 @@ def aggregate_labels(weights: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 class LabelTransfer:
-    """Patch features -> class distributions by k-NN retrieval from a memory bank."""
+    """Patch features -> class distributions by k-NN retrieval from a memory bank.
+
+    With `rescore` the neighbour weights use cosines recomputed from the bank's stored
+    features (the reference); `rerank` > k asks an approximate index for that many
+    candidates and keeps the k best by exact cosine, read from the (memory-mapped) bank.
+    """
 
     def __init__(self, bank: MemoryBank, index: Index, k: int = 30, temperature: float = 0.02,
-                 rescore: bool = True) -> None:
+                 rescore: bool = True, rerank: int = 0) -> None:
         if k > bank.count:
             log.warning("k=%d exceeds the %d rows of the memory bank; using k=%d", k, bank.count, bank.count)
             k = bank.count
-        self.bank, self.index, self.k, self.temperature, self.rescore = bank, index, k, temperature, rescore
+        self.bank, self.index, self.k, self.temperature = bank, index, k, temperature
+        self.rescore, self.rerank = rescore or rerank > k, min(max(rerank, k), bank.count)
 
     @classmethod
     def from_bank(cls, bank: MemoryBank, backend: str = "torch", k: int = 30, temperature: float = 0.02,
-                  rescore: bool = True, **options) -> "LabelTransfer":
+                  rescore: bool = True, rerank: int = 0, **options) -> "LabelTransfer":
         """Index `bank` block by block with `backend`, then wrap it."""
         index = build_index(backend, bank.dim, **options)
         for block in tqdm(list(bank.feature_chunks()), desc=f"index ({backend})", unit="shard",
                           disable=len(bank.feature_blocks) < 4):
             index.add(block)
-        return cls(bank, index, k=k, temperature=temperature, rescore=rescore)
+        return cls(bank, index, k=k, temperature=temperature, rescore=rescore, rerank=rerank)
+
+    def neighbours(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, D) queries -> similarities (n, k) (-inf where the index found none) and row ids (n, k)."""
+        scores, ids = self.index.search(flat, self.rerank)  # (n, k') with k' >= k
+        missing = ids < 0
+        ids = ids.clamp_min(0)
+        if self.rescore:
+            scores = cosine_similarities(flat, self.bank.gather_features(ids))
+        scores = scores.masked_fill(missing, float("-inf"))
+        if self.rerank > self.k:
+            scores, order = scores.topk(self.k, dim=1)
+            ids = torch.gather(ids, 1, order)
+        return scores, ids
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         """(B, N, D) query features -> (B, N, C) class distributions."""
         batch, num, dim = features.shape
         flat = features.reshape(-1, dim).float().cpu()
-        scores, ids = self.index.search(flat, self.k)  # (BN, k)
-        if self.rescore:
-            weights = attention_weights(flat, self.bank.gather_features(ids), self.temperature)
-        else:  # index scores are inner products of unit vectors already
-            weights = torch.softmax(scores / self.temperature, dim=-1)
+        sims, ids = self.neighbours(flat)
+        weights = torch.softmax(sims / self.temperature, dim=-1).nan_to_num(0.0)  # no neighbour -> all-zero row
         probs = aggregate_labels(weights, self.bank.gather_labels(ids))  # (BN, C)
         return probs.reshape(batch, num, -1)
 

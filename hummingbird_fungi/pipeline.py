@@ -151,7 +151,7 @@ def evaluate_bank(config: dict, bank: MemoryBank, extractor: PatchFeatures, timi
     with timed(timings, "build_index_s"):
         transfer = LabelTransfer.from_bank(bank, retrieval["backend"], k=retrieval["k"],
                                            temperature=transfer_cfg["temperature"], rescore=transfer_cfg["rescore"],
-                                           **retrieval["options"])
+                                           rerank=transfer_cfg["rerank"], **retrieval["options"])
     rank, world = rank_and_world()
     part = torch.utils.data.Subset(eval_set, range(rank, len(eval_set), world))
     loader = torch.utils.data.DataLoader(part, batch_size=config["data"]["batch_size"],

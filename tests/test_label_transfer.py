@@ -54,3 +54,28 @@ def test_chunked_upsample_argmax_equals_plain():
 def test_upsample_ties_go_to_lowest_class():
     maps = torch.ones(5, 2, 2)
     assert upsample_argmax(maps, (4, 4), class_chunk=2).eq(0).all()
+
+
+class StubIndex:
+    """An index answering fixed neighbours (approximate order, a missing -1)."""
+
+    def __init__(self, ids):
+        self.ids = torch.tensor(ids)
+
+    def search(self, q, k):
+        ids = self.ids[:, :k]
+        return torch.zeros(ids.shape), ids
+
+
+def test_rerank_keeps_exact_best_and_missing_ids_are_dropped():
+    feats = np.array([[1, 0], [0, 1], [0.8, 0.6], [-1, 0], [0, -1]], dtype=np.float32)
+    labels = np.eye(5, dtype=np.float32)
+    bank = MemoryBank.from_arrays(feats, labels, {})
+    transfer = LabelTransfer(bank, StubIndex([[3, 1, -1, 0, 2]]), k=2, temperature=0.1, rerank=5)
+    sims, ids = transfer.neighbours(torch.tensor([[1.0, 0.0]]))
+    assert ids.tolist() == [[0, 2]] and torch.allclose(sims, torch.tensor([[1.0, 0.8]]))
+    probs = transfer(torch.tensor([[[1.0, 0.0]]]))[0, 0]
+    w = torch.softmax(torch.tensor([1.0, 0.8]) / 0.1, 0)
+    assert torch.allclose(probs, torch.tensor([w[0], 0, w[1], 0, 0]))
+    lonely = LabelTransfer(bank, StubIndex([[-1, -1]]), k=2, temperature=0.1)
+    assert lonely(torch.tensor([[[1.0, 0.0]]])).abs().sum() == 0

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..backbones import Backbone
+if TYPE_CHECKING:
+    from ..backbones import Backbone
 
 
 class PatchFeatures(abc.ABC):
@@ -19,7 +20,7 @@ class PatchFeatures(abc.ABC):
 
     kind: str = ""
 
-    def __init__(self, backbone: Backbone) -> None:
+    def __init__(self, backbone: "Backbone") -> None:
         self.backbone = backbone
 
     @property

@@ -1,0 +1,137 @@
+"""Segmentation metrics from one streaming confusion matrix: standard mIoU and the reference's (spec 7).
+
+Per-pixel predictions are never kept: each `update` adds a bincount to a (C, C) int64 matrix
+(rows ground truth, columns prediction). Two readings of it:
+
+* `miou_standard`: identity matching, mean IoU over the classes that occur in the ground truth
+  or the predictions, optionally skipping one class (ADE20K: 0, the ignored "other" id).
+* `miou_reference`: what FH/HB1/HB2 report: Hungarian matching of predicted to GT ids (spec 10.3),
+  IoU_i = TP/max(TP+FP+FN, 1e-8), mean over all C classes, absent ones counting 0 (so ADE20K's
+  ignored class 0 always adds a zero: sum of 150 IoUs / 151, spec 10.5).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+class ConfusionMatrix:
+    """Streaming (C, C) int64 confusion matrix, rows = ground truth, columns = prediction."""
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None, device: str | torch.device = "cpu") -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)  # (C, C)
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Count pixels of integer label maps of equal shape; drops ignored and out-of-range targets."""
+        pred, target = torch.as_tensor(pred), torch.as_tensor(target)
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+        if pred.is_floating_point() or target.is_floating_point():
+            raise ValueError(f"labels must be integers, got {pred.dtype} and {target.dtype}")
+        c = self.num_classes
+        pred = pred.reshape(-1).to(self.matrix.device, torch.int64)  # (P,)
+        target = target.reshape(-1).to(self.matrix.device, torch.int64)  # (P,)
+        if pred.numel() and (pred.min() < 0 or pred.max() >= c):
+            raise ValueError(f"predictions must be in [0, {c}), got range [{int(pred.min())}, {int(pred.max())}]")
+        keep = (target >= 0) & (target < c)
+        if self.ignore_index is not None:
+            keep &= target != self.ignore_index
+        counts = torch.bincount(c * target[keep] + pred[keep], minlength=c * c)  # (C*C,)
+        self.matrix += counts.reshape(c, c)
+
+    def merge(self, other: ConfusionMatrix) -> None:
+        """Add another matrix of the same size (e.g. from another process)."""
+        if other.num_classes != self.num_classes:
+            raise ValueError(f"cannot merge {other.num_classes}-class into {self.num_classes}-class confusion matrix")
+        self.matrix += other.matrix.to(self.matrix.device)
+
+    def all_reduce(self) -> None:
+        """Sum the matrix over all torch.distributed ranks (no-op when not initialised)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        on_gpu = dist.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+        total = self.matrix.cuda() if on_gpu else self.matrix.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        self.matrix = total.to(self.matrix.device)
+
+
+def class_totals(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(TP, GT pixels, predicted pixels) per class, each (C,) float64."""
+    m = matrix.double()
+    return m.diagonal(), m.sum(1), m.sum(0)
+
+
+def iou_per_class(matrix: Tensor) -> Tensor:
+    """TP/(TP+FP+FN) per class -> (C,) float64, NaN where the class is in neither GT nor predictions."""
+    tp, gt, predicted = class_totals(matrix)
+    union = gt + predicted - tp
+    return torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, math.nan))
+
+
+def miou_standard(matrix: Tensor, exclude: int | None = None) -> tuple[float, list[float]]:
+    """Mean IoU over classes present in GT or predictions, skipping `exclude`; per-class IoU (NaN if absent)."""
+    iou = iou_per_class(matrix)  # (C,)
+    if exclude is not None:
+        iou[exclude] = math.nan
+    present = ~iou.isnan()
+    miou = float(iou[present].mean()) if present.any() else math.nan
+    return miou, iou.tolist()
+
+
+def hungarian_assignment(matrix: Tensor) -> list[int]:
+    """Predicted id j -> GT id maximising the summed IoU (linear_sum_assignment on 1 - IoU_ij)."""
+    m = matrix.double().cpu().numpy()  # (C, C)
+    union = m.sum(1, keepdims=True) + m.sum(0, keepdims=True) - m  # GT i or predicted j
+    iou = m / np.maximum(union, 1e-8)
+    gt, pred = linear_sum_assignment(1.0 - iou)
+    assignment = [0] * len(m)
+    for i, j in zip(gt, pred):
+        assignment[j] = int(i)
+    return assignment
+
+
+def miou_reference(matrix: Tensor) -> tuple[float, list[float], list[int]]:
+    """Reference mIoU (spec 7): (mean over all C of matched IoU, per-class IoU, assignment pred -> GT)."""
+    assignment = hungarian_assignment(matrix)
+    relabelled = torch.zeros_like(matrix).index_add_(1, torch.tensor(assignment, device=matrix.device), matrix)
+    tp, gt, predicted = class_totals(relabelled)
+    iou = tp / (gt + predicted - tp).clamp_min(1e-8)  # (C,)
+    return float(iou.mean()), iou.tolist(), assignment
+
+
+def pixel_accuracy(matrix: Tensor) -> float:
+    """Correct / counted pixels (NaN when nothing was counted)."""
+    total = int(matrix.sum())
+    return int(matrix.trace()) / total if total else math.nan
+
+
+def summarize(cm: ConfusionMatrix, class_names: Sequence[str], exclude: int | None = None) -> dict:
+    """Standard and reference mIoU, per-class IoUs by name (None when absent) and pixel accuracy."""
+    if len(class_names) != cm.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a {cm.num_classes}-class confusion matrix")
+    miou, per_class = miou_standard(cm.matrix, exclude)
+    ref, per_class_ref, assignment = miou_reference(cm.matrix)
+    moved = {class_names[j]: class_names[i] for j, i in enumerate(assignment) if i != j}
+    if moved:
+        log.info("reference metric: Hungarian matching relabels %d predicted classes", len(moved))
+    return {
+        "miou": miou,
+        "miou_reference": ref,
+        "per_class_iou": {name: None if math.isnan(v) else v for name, v in zip(class_names, per_class)},
+        "per_class_iou_reference": dict(zip(class_names, per_class_ref)),
+        "reference_relabelled": moved,
+        "pixel_accuracy": pixel_accuracy(cm.matrix),
+    }
