@@ -106,3 +106,10 @@ def upsample_argmax(maps: torch.Tensor, size: tuple[int, int], class_chunk: int 
             best_value = torch.where(better, value, best_value)
             best_class = torch.where(better, cls, best_class)
     return best_class
+
+
+def predict_masks(transfer: LabelTransfer, features: torch.Tensor, grid: tuple[int, int],
+                  sizes: list[tuple[int, int]], class_chunk: int = 32) -> list[torch.Tensor]:
+    """(B, N, D) patch features -> one (H_i, W_i) int64 class map per image, at `sizes[i]`."""
+    probs = transfer(features)  # (B, N, C)
+    return [upsample_argmax(patch_probs_to_map(p, grid), size, class_chunk) for p, size in zip(probs, sizes)]

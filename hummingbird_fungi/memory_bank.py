@@ -401,7 +401,32 @@ def _seal(path: Path, partial: Path, manifest: dict, plan: list[tuple[int, int, 
     log.info("memory bank written to %s (%d rows)", path, manifest["count"])
 
 
+def subsample_bank(bank: MemoryBank, n_img: int, rule: str = "label_aware") -> MemoryBank:
+    """Keep `n_img` rows per image of an unbounded bank by the builder's own sampling draws.
+
+    Without augmentation this equals building the bounded bank directly (same seeds, same
+    label statistics), so several memory sizes can share one feature extraction.
+    """
+    manifest = bank.manifest
+    per_image, spec = manifest["patches_per_image"], manifest["spec"]
+    if spec["memory_size"] is not None:
+        raise ConfigError("subsample_bank needs an unbounded bank (memory.size=null)")
+    features = np.concatenate(bank.feature_blocks).reshape(-1, per_image, bank.dim)
+    labels = np.concatenate(bank.label_blocks).reshape(-1, per_image, bank.num_classes)
+    keep = []
+    for item in range(len(features)):
+        epoch, index = divmod(item, manifest["num_images"])
+        generator = torch.Generator().manual_seed(sample_seed(spec["seed"] + 1, epoch, index))
+        keep.append(sample_patches(torch.from_numpy(labels[item].astype(np.float32)), n_img, rule, generator).numpy())
+    rows = np.stack(keep)[..., None]  # (items, n_img, 1)
+    new_spec = {**spec, "memory_size": n_img * len(features) // spec["epochs"], "sampling": rule}
+    return MemoryBank.from_arrays(
+        np.take_along_axis(features, rows, 1).reshape(-1, bank.dim),
+        np.take_along_axis(labels, rows, 1).reshape(-1, bank.num_classes),
+        {**manifest, "patches_per_image": n_img, "spec": new_spec, "count": n_img * len(features)})
+
+
 __all__ = [
     "BankSpec", "MemoryBank", "build_memory_bank", "check_compatible", "label_aware_scores",
-    "patchify_labels", "patches_per_image", "sample_patches", "soft_labels",
+    "patchify_labels", "patches_per_image", "sample_patches", "soft_labels", "subsample_bank",
 ]

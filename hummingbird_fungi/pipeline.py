@@ -21,7 +21,7 @@ from .distributed import rank_and_world
 from .errors import ConfigError
 from .features import PatchFeatures, build_patch_features
 from .features.embeddings import EmbeddingFeatures
-from .label_transfer import LabelTransfer, patch_probs_to_map, upsample_argmax
+from .label_transfer import LabelTransfer, predict_masks
 from .memory_bank import BankSpec, MemoryBank, build_memory_bank, read_manifest
 from .metrics import ConfusionMatrix, summarize
 from .transforms import EvalTransform, TrainTransform
@@ -165,11 +165,10 @@ def evaluate_bank(config: dict, bank: MemoryBank, extractor: PatchFeatures, timi
         for batch in tqdm(loader, desc="evaluate", unit="batch", disable=rank != 0):
             images = batch["image"].to(device)
             grid = extractor.backbone.grid_size(*images.shape[-2:])
-            probs = transfer(extractor(images))  # (B, N, C)
-            for i in range(len(images)):
-                target = batch["original_mask"][i] if original else batch["mask"][i]
-                pred = upsample_argmax(patch_probs_to_map(probs[i], grid), tuple(target.shape),
-                                       transfer_cfg["class_chunk"])
+            targets = batch["original_mask"] if original else list(batch["mask"])
+            preds = predict_masks(transfer, extractor(images), grid, [tuple(t.shape) for t in targets],
+                                  transfer_cfg["class_chunk"])
+            for pred, target in zip(preds, targets):
                 cm.update(pred, target)
     cm.all_reduce()
     exclude = info.ignore_index if info.ignore_index is not None and info.ignore_index < info.num_classes else None

@@ -154,3 +154,15 @@ def test_partial_build_of_other_config_is_not_mixed(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(DataError, match="different unfinished build"):
         build_memory_bank(ToyDataset(), PatchMeanFeatures(FakeBackbone(), scale=3.0), spec(), path=tmp_path / "b")
+
+
+def test_subsampling_an_unbounded_bank_equals_a_bounded_build():
+    from hummingbird_fungi.memory_bank import subsample_bank
+
+    extractor = PatchMeanFeatures(FakeBackbone())
+    full = build_memory_bank(ToyDataset(), extractor, spec(memory_size=None))
+    assert full.count == 10 * 2 * 6  # 8x12 images, patch 4 -> 6 patches
+    direct = build_memory_bank(ToyDataset(), extractor, spec(memory_size=40))
+    derived = subsample_bank(full, 2)
+    assert np.array_equal(np.concatenate(direct.feature_blocks), derived.feature_blocks[0])
+    assert np.array_equal(np.concatenate(direct.label_blocks), derived.label_blocks[0])
