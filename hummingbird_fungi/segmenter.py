@@ -1,0 +1,364 @@
+"""In-context segmentation for users: a few annotated examples (or a saved bank) -> masks of new images.
+
+The bank is filled by `memory_bank.build_memory_bank` and queried by `label_transfer.LabelTransfer`,
+exactly as in the benchmark; the only additions are reading user inputs, choosing the network input
+size, and upsampling patch class maps straight to each image's original size.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from .backbones import Backbone, load_backbone
+from .config import DEFAULTS
+from .datasets import DatasetInfo, SegmentationDataset, check_labels
+from .errors import ConfigError, DataError
+from .features import PatchFeatures, build_patch_features
+from .label_transfer import LabelTransfer, patch_probs_to_map, upsample_argmax, upsample_probs
+from .memory_bank import MemoryBank, build_memory_bank, read_manifest
+from .metrics import ConfusionMatrix, summarize
+from .pipeline import bank_spec, make_extractor, resolve_device, seed_everything, timed
+from .transforms import EvalTransform, TrainTransform, read_image, read_mask
+
+log = logging.getLogger(__name__)
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+MaskInput = str | os.PathLike | Image.Image | np.ndarray
+DEFAULT_LONG_SIDE = 448
+VOC_VOID = 255
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def as_rgb(image: ImageInput) -> Image.Image:
+    """An RGB PIL image from a file (EXIF applied, any mode), a PIL image (EXIF applied) or an array."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a path, PIL image or array, got {type(image).__name__}")
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def as_mask(mask: MaskInput) -> np.ndarray:
+    """(h, w) int64 class ids from a label file, a single-channel PIL image or an array."""
+    if isinstance(mask, (str, os.PathLike)):
+        return read_mask(mask)
+    array = np.asarray(mask)
+    if array.ndim != 2:
+        raise DataError(f"a mask must be a single-channel (h, w) class-id map, got shape {array.shape}")
+    return array.astype(np.int64)
+
+
+def source_name(source: Any, index: int) -> str:
+    """A name for messages: the file path, or `<example i>` for in-memory inputs."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else f"<example {index}>"
+
+
+def default_input_size(sizes: Sequence[tuple[int, int]], patch: int,
+                       long_side: int = DEFAULT_LONG_SIDE) -> tuple[int, int]:
+    """(H, W), multiples of `patch`, long side near `long_side`, with the median aspect of (h, w) `sizes`."""
+    aspect = float(np.median([h / w for h, w in sizes]))  # h / w
+    long_cells = max(1, round(long_side / patch))
+    short_cells = max(1, round(long_cells * min(aspect, 1 / aspect)))
+    if aspect <= 1:
+        return short_cells * patch, long_cells * patch
+    return long_cells * patch, short_cells * patch
+
+
+def label_space(masks: Sequence[np.ndarray], num_classes: int | None,
+                ignore_index: int | None) -> tuple[int, int | None]:
+    """(num_classes, ignore_index): C defaults to the largest non-void id + 1; an unset void is 255 if used."""
+    if ignore_index is None and any((m == VOC_VOID).any() for m in masks):
+        largest = max(int(m[m != VOC_VOID].max(initial=0)) for m in masks)
+        if largest < VOC_VOID and (num_classes is None or num_classes <= VOC_VOID):
+            log.info("masks use id 255 beside ids up to %d: treating 255 as void (pass ignore_index to change)",
+                     largest)
+            ignore_index = VOC_VOID
+    if num_classes is None:
+        num_classes = 1 + max(int(m[m != ignore_index].max(initial=0)) if ignore_index is not None
+                              else int(m.max(initial=0)) for m in masks)
+    if ignore_index is not None and 0 <= ignore_index < num_classes:
+        raise ConfigError(f"ignore_index {ignore_index} is a class id (< num_classes={num_classes}); "
+                          f"void must lie outside [0, num_classes)")
+    return num_classes, ignore_index
+
+
+class ExampleSet(SegmentationDataset):
+    """Decoded example images and masks held in memory, served like a dataset to the bank builder."""
+
+    def __init__(self, images: list[Image.Image], masks: list[np.ndarray], names: list[str], info: DatasetInfo,
+                 transform: EvalTransform | TrainTransform, seed: int) -> None:
+        super().__init__([(Path(n), None) for n in names], info, transform=transform, seed=seed,
+                         source="the examples")
+        self.images, self.masks = images, masks
+
+    def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        """The RGB image and (h, w) int64 mask of example `index`."""
+        return self.images[index], self.masks[index]
+
+
+def pipeline_config(features: str, feature_options: dict | None, memory_size: int | None, epochs: int,
+                    sampling: str, batch_size: int, seed: int) -> dict:
+    """A pipeline config (defaults + these settings) so the bank spec and extractor come from the pipeline."""
+    config = copy.deepcopy(DEFAULTS)
+    config["seed"] = seed
+    config["features"].update(kind=features, fungi=dict(feature_options or {}),
+                              support={"size": memory_size, "augmentation_epochs": 1})
+    config["memory"].update(size=memory_size, augmentation_epochs=epochs, sampling=sampling, void="ignore")
+    config["data"].update(batch_size=batch_size, num_workers=0)
+    return config
+
+
+def load_named_backbone(backbone: str | Backbone, weights: str | Path | None, pretrained: bool,
+                        backbone_kwargs: dict | None, device: torch.device, seed: int) -> Backbone:
+    """`backbone` itself, or the named one loaded with its weights (random init seeded by `seed`)."""
+    if isinstance(backbone, Backbone):
+        return backbone
+    seed_everything(seed)
+    return load_backbone(backbone, weights=None if weights is None else str(weights), pretrained=pretrained,
+                         device=str(device), **(backbone_kwargs or {}))
+
+
+# --------------------------------------------------------------------------- segmenter
+
+
+class InContextSegmenter:
+    """A frozen ViT plus a memory bank of labelled patch features: k-NN label transfer segments new images."""
+
+    def __init__(self, extractor: PatchFeatures, bank: MemoryBank, input_size: tuple[int, int],
+                 normalize: str = "imagenet", k: int = 30, temperature: float = 0.02, backend: str = "torch",
+                 backend_options: dict | None = None, match_orientation: bool = True, class_chunk: int = 32,
+                 device: str | torch.device = "auto", timings: dict[str, float] | None = None) -> None:
+        self.extractor, self.bank = extractor, bank
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.normalize, self.match_orientation, self.class_chunk = normalize, match_orientation, class_chunk
+        self.device = resolve_device(str(device))
+        self.timings = {} if timings is None else timings
+        self.settings = {"k": k, "temperature": temperature, "backend": backend,
+                         "backend_options": dict(backend_options or {})}
+        with timed(self.timings, "build_index_s"):
+            self.transfer = LabelTransfer.from_bank(bank, backend, k=k, temperature=temperature,
+                                                    **(backend_options or {}))
+        self._transforms: dict[tuple[int, int], EvalTransform] = {}
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def from_examples(cls, images: Sequence[ImageInput], masks: Sequence[MaskInput],
+                      backbone: str | Backbone = "dinov2_vits14", weights: str | Path | None = None,
+                      features: str = "embeddings", feature_options: dict | None = None,
+                      input_size: tuple[int, int] | None = None, k: int = 30, temperature: float = 0.02,
+                      backend: str = "torch", num_classes: int | None = None, ignore_index: int | None = None,
+                      class_names: Sequence[str] | None = None, augment_epochs: int = 0,
+                      memory_size: int | None = None, device: str = "auto", pretrained: bool = True,
+                      backbone_kwargs: dict | None = None, normalize: str = "imagenet",
+                      sampling: str = "label_aware", batch_size: int = 4, seed: int = 0,
+                      long_side: int = DEFAULT_LONG_SIDE, **options: Any) -> "InContextSegmenter":
+        """Build the memory bank from annotated examples (paths, PIL images or arrays) held in RAM.
+
+        Masks hold class ids; `num_classes` defaults to the largest id + 1 and id 255 is void when
+        the other ids are small (as in VOC). The input size defaults to multiples of the patch with
+        the long side near `long_side` and the examples' median aspect. `memory_size=None` keeps every
+        patch; `augment_epochs=N` fills the bank from N passes of the benchmark's train augmentation
+        instead of one clean pass.
+        Further keywords (backend_options, match_orientation, class_chunk) go to the constructor.
+        """
+        if len(images) != len(masks) or not images:
+            raise DataError(f"need the same positive number of example images and masks, "
+                            f"got {len(images)} and {len(masks)}")
+        if feature_options and features != "fungi":
+            raise ConfigError(f"feature options {sorted(feature_options)} given for {features!r} features")
+        timings: dict[str, float] = {}
+        device_ = resolve_device(device)
+        names = [source_name(image, i) for i, image in enumerate(images)]
+        with timed(timings, "read_examples_s"):
+            pictures = [as_rgb(image) for image in images]
+            labels = [as_mask(mask) for mask in masks]
+        for name, picture, label in zip(names, pictures, labels):
+            if label.shape != (picture.height, picture.width):
+                raise DataError(f"the mask of example {name} is {label.shape[1]}x{label.shape[0]} but the image is "
+                                f"{picture.width}x{picture.height} (width x height)")
+        num_classes, ignore_index = label_space(labels, num_classes, ignore_index)
+        class_names = tuple(class_names or (f"class_{i}" for i in range(num_classes)))
+        if len(class_names) != num_classes:
+            raise ConfigError(f"{len(class_names)} class names for {num_classes} classes")
+        info = DatasetInfo("examples", num_classes, ignore_index, class_names, False)
+        for name, label in zip(names, labels):
+            check_labels(label, info, Path(name))
+        with timed(timings, "load_backbone_s"):
+            net = load_named_backbone(backbone, weights, pretrained, backbone_kwargs, device_, seed)
+        size = tuple(input_size) if input_size else default_input_size(
+            [(p.height, p.width) for p in pictures], net.patch_size, long_side)
+        transform = (TrainTransform(size, normalize=normalize) if augment_epochs > 0
+                     else EvalTransform(size, normalize=normalize))
+        dataset = ExampleSet(pictures, labels, names, info, transform, seed)
+        config = pipeline_config(features, feature_options, memory_size, max(augment_epochs, 1), sampling,
+                                 batch_size, seed)
+        extractor = make_extractor(config, net, dataset, device_, timings)
+        record = {"weights": None if weights is None else str(weights),
+                  "pretrained": net.weights_id != "random",
+                  "backbone_kwargs": dict(backbone_kwargs or {}), "normalize": normalize,
+                  "ignore_index": ignore_index, "seed": seed, "augment_epochs": augment_epochs}
+        log.info("building a memory bank from %d examples at input %dx%d (W x H), %d classes, %s features",
+                 len(pictures), size[1], size[0], num_classes, features)
+        with timed(timings, "build_memory_s"):
+            bank = build_memory_bank(dataset, extractor, bank_spec(config, dataset), path=None,
+                                     manifest_extra={"segmenter": record}, batch_size=batch_size,
+                                     device=device_, distributed=False)
+        return cls(extractor, bank, size, normalize=normalize, k=k, temperature=temperature, backend=backend,
+                   device=device_, timings=timings, **options)
+
+    @classmethod
+    def from_memory(cls, path: str | Path, backbone: str | Backbone | None = None,
+                    weights: str | Path | None = None, k: int = 30, temperature: float = 0.02,
+                    backend: str = "torch", device: str = "auto", input_size: tuple[int, int] | None = None,
+                    **options: Any) -> "InContextSegmenter":
+        """Load a saved bank (from `save` or `hbfungi build-memory`) with the backbone, weights and feature
+        options it records unless given; a bank built with other features is refused (BankMismatchError)."""
+        timings: dict[str, float] = {}
+        manifest = read_manifest(Path(path))
+        record = manifest.get("segmenter", {})
+        recorded = manifest["features"]
+        device_ = resolve_device(device)
+        same_backbone = backbone is None or backbone == recorded["backbone"]
+        if weights is None and same_backbone and record.get("weights"):
+            weights = record["weights"]
+            if not Path(weights).is_file():
+                raise DataError(f"memory bank {path} was built with weights {weights}, which do not exist here; "
+                                f"pass the weights file")
+            log.info("using the weights the bank records: %s", weights)
+        with timed(timings, "load_backbone_s"):
+            net = load_named_backbone(backbone or recorded["backbone"], weights, record.get("pretrained", True),
+                                      record.get("backbone_kwargs"), device_, record.get("seed", 0))
+        extractor = build_patch_features(recorded["kind"], net, recorded["options"])
+        if extractor.needs_support:
+            raise ConfigError(f"memory bank {path} uses {recorded['kind']} features with support negatives, which "
+                              f"need the example images; rebuild it with from_examples")
+        with timed(timings, "load_memory_s"):
+            bank = MemoryBank.load(path, expect_features=extractor.manifest())
+        log.info("loaded memory bank %s: %d rows, %d classes", path, bank.count, bank.num_classes)
+        normalize = record.get("normalize") or manifest.get("data", {}).get("normalize", "imagenet")
+        return cls(extractor, bank, tuple(input_size or manifest["input_size"]), normalize=normalize, k=k,
+                   temperature=temperature, backend=backend, device=device_, timings=timings, **options)
+
+    def save(self, path: str | Path) -> Path:
+        """Save the memory bank (with what built it) for `from_memory`."""
+        if self.extractor.needs_support:
+            log.warning("the bank's features need a support set, which is not saved; from_memory will refuse it")
+        return self.bank.save(path)
+
+    # ----------------------------------------------------------------- facts
+
+    @property
+    def backbone(self) -> Backbone:
+        """The frozen ViT."""
+        return self.extractor.backbone
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes C."""
+        return self.bank.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names, index = class id."""
+        return list(self.bank.manifest.get("class_names") or (f"class_{i}" for i in range(self.num_classes)))
+
+    @property
+    def ignore_index(self) -> int | None:
+        """The void id of the examples' masks (None if they had none)."""
+        return self.bank.manifest.get("segmenter", {}).get("ignore_index")
+
+    @property
+    def mask_dtype(self) -> type:
+        """uint8 for up to 256 classes, else uint16."""
+        return np.uint8 if self.num_classes <= 256 else np.uint16
+
+    def describe(self) -> dict[str, Any]:
+        """What segments: backbone, weights, features, input size, retrieval settings and bank size."""
+        record = self.bank.manifest.get("segmenter", {})
+        return {"backbone": self.backbone.name, "weights": record.get("weights"),
+                "pretrained": record.get("pretrained"), "features": self.extractor.manifest(),
+                "input_size": list(self.input_size), "match_orientation": self.match_orientation,
+                **self.settings, "memory_rows": self.bank.count, "num_classes": self.num_classes,
+                "class_names": self.class_names, "ignore_index": self.ignore_index,
+                "num_examples": self.bank.manifest.get("num_images")}
+
+    # ----------------------------------------------------------------- prediction
+
+    def network_size(self, height: int, width: int) -> tuple[int, int]:
+        """Network input (H, W) of an h x w image: the bank's size, turned to the image's orientation."""
+        big, small = max(self.input_size), min(self.input_size)
+        if self.match_orientation and height != width and self.input_size[0] != self.input_size[1]:
+            return (big, small) if height > width else (small, big)
+        return self.input_size
+
+    def patch_maps(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """Patch-level class distributions (C, h', w') of RGB images, batched by network input size."""
+        maps: list[torch.Tensor | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            groups[self.network_size(image.height, image.width)].append(i)
+        for size, ids in groups.items():
+            transform = self._transforms.setdefault(size, EvalTransform(size, normalize=self.normalize))
+            batch = torch.stack([transform(images[i])[0] for i in ids]).to(self.device)  # (B, 3, H, W)
+            probs = self.transfer(self.extractor(batch))  # (B, N, C)
+            grid = self.backbone.grid_size(*size)
+            for i, row in zip(ids, probs):
+                maps[i] = patch_probs_to_map(row, grid)  # (C, h', w')
+        return maps
+
+    def predict_batch(self, images: Sequence[ImageInput], batch_size: int = 8) -> list[np.ndarray]:
+        """Class-id masks (h, w) of each image at its original (EXIF-rotated) size."""
+        out = []
+        start = time.perf_counter()
+        for first in range(0, len(images), batch_size):
+            chunk = [as_rgb(image) for image in images[first:first + batch_size]]
+            for image, maps in zip(chunk, self.patch_maps(chunk)):
+                mask = upsample_argmax(maps, (image.height, image.width), self.class_chunk)  # (h, w)
+                out.append(mask.numpy().astype(self.mask_dtype))
+        self.timings["predict_s"] = self.timings.get("predict_s", 0.0) + time.perf_counter() - start
+        return out
+
+    def predict(self, image: ImageInput) -> np.ndarray:
+        """Class-id mask (h, w), uint8 (uint16 beyond 256 classes), at the image's original size."""
+        return self.predict_batch([image])[0]
+
+    def predict_proba(self, image: ImageInput) -> np.ndarray:
+        """Class scores (C, h, w) float32 at the image's original size (bilinear patch distributions)."""
+        picture = as_rgb(image)
+        maps = self.patch_maps([picture])[0]
+        return upsample_probs(maps, (picture.height, picture.width)).numpy().astype(np.float32)
+
+    # ----------------------------------------------------------------- metrics
+
+    def confusion_matrix(self) -> ConfusionMatrix:
+        """An empty confusion matrix for this label space (the void id ignored)."""
+        return ConfusionMatrix(self.num_classes, ignore_index=self.ignore_index)
+
+    def metrics(self, cm: ConfusionMatrix) -> dict[str, Any]:
+        """mIoU (standard and reference), per-class IoU and pixel accuracy of a filled matrix."""
+        return summarize(cm, self.class_names)
+
+    def evaluate(self, images: Sequence[ImageInput], masks: Sequence[MaskInput], batch_size: int = 8) -> dict:
+        """Segment `images` and score them against `masks` at their original size."""
+        cm = self.confusion_matrix()
+        for first in tqdm(range(0, len(images), batch_size), desc="evaluate", unit="batch"):
+            preds = self.predict_batch(images[first:first + batch_size], batch_size)
+            for pred, mask in zip(preds, masks[first:first + batch_size]):
+                cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(as_mask(mask)))
+        return self.metrics(cm)
