@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from ..backbones import Backbone
 from ..errors import ConfigError
 from .base import PatchFeatures
 from .embeddings import EmbeddingFeatures
+
+if TYPE_CHECKING:
+    from ..backbones import Backbone
 
 _REGISTRY: dict[str, Callable[..., PatchFeatures]] = {"embeddings": EmbeddingFeatures}
 
@@ -17,7 +19,7 @@ def register(kind: str, factory: Callable[..., PatchFeatures]) -> None:
     _REGISTRY[kind] = factory
 
 
-def build_patch_features(kind: str, backbone: Backbone, options: dict[str, Any] | None = None) -> PatchFeatures:
+def build_patch_features(kind: str, backbone: "Backbone", options: dict[str, Any] | None = None) -> PatchFeatures:
     """Create the patch feature extractor `kind` on `backbone` with its options."""
     if kind not in _REGISTRY:
         raise ConfigError(f"unknown features.kind {kind!r}; choose one of {sorted(_REGISTRY)}")
@@ -25,3 +27,7 @@ def build_patch_features(kind: str, backbone: Backbone, options: dict[str, Any] 
 
 
 __all__ = ["PatchFeatures", "EmbeddingFeatures", "build_patch_features", "register"]
+
+from .fungi_patch import FungiPatchFeatures  # noqa: E402
+
+register("fungi", FungiPatchFeatures)

@@ -1,0 +1,82 @@
+"""Capture a linear layer's input and output-gradient without per-token gradient tensors (spec 8.4, 8.6).
+
+The per-token gradient of a linear layer is ``g_t [a_t; 1]^T``: all that is needed is the
+layer input ``a`` and ``g = dLoss/d(output)``. `forward_with_capture` runs a forward pass in
+which everything before the layer runs without autograd and the layer output becomes a
+leaf that requires grad, so ``torch.autograd.grad(loss, capture.output)`` back-propagates
+only through what follows the layer (for the last block's ``attn.proj``: that block's
+token-wise tail and the final norm), never through the backbone's earlier blocks and
+never into parameter gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+
+DEFAULT_LAYER = "blocks.-1.attn.proj"
+
+
+def find_module(model: nn.Module, path: str) -> nn.Module:
+    """Resolve a dotted path with (negative) integer indices, e.g. 'blocks.-1.attn.proj'."""
+    module = model
+    for part in path.split("."):
+        try:
+            if part.lstrip("-").isdigit():
+                module = module[int(part)]  # type: ignore[index]
+            else:
+                module = getattr(module, part)
+        except (AttributeError, IndexError, TypeError) as error:
+            raise ConfigError(f"layer {path!r} not found in {type(model).__name__} (at {part!r})") from error
+    return module
+
+
+def find_linear(model: nn.Module, path: str = DEFAULT_LAYER) -> nn.Linear:
+    """The nn.Linear at `path` in `model`; refuse anything else."""
+    module = find_module(model, path)
+    if not isinstance(module, nn.Linear):
+        raise ConfigError(f"layer {path!r} is a {type(module).__name__}, not an nn.Linear")
+    return module
+
+
+@dataclass
+class Capture:
+    """What one captured forward pass returns."""
+
+    tokens: Tensor  # what `forward` returned, with a graph from `output` on
+    input: Tensor  # (B, T, E_in) the layer input a, no graph
+    output: Tensor  # (B, T, E_out) the layer output o, a leaf that requires grad
+
+
+def forward_with_capture(forward: Callable[[Tensor], Tensor], layer: nn.Linear, images: Tensor) -> Capture:
+    """Run `forward(images)` with autograd only from `layer`'s output on; capture its input and output.
+
+    The pass runs under no_grad up to `layer`; a forward hook then detaches the layer output,
+    makes it require grad and switches grad mode on for the rest of the pass (the enclosing
+    no_grad restores the caller's mode on exit). The backbone's parameters are never
+    modified; whether they require grad does not change the result.
+    """
+    captured: dict[str, Tensor] = {}
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        if captured:
+            raise RuntimeError("the captured layer ran twice in one forward pass")
+        captured["input"] = inputs[0].detach()
+        captured["output"] = output.detach().requires_grad_(True)
+        torch.set_grad_enabled(True)  # record the tail; undone when the no_grad block below exits
+        return captured["output"]
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            tokens = forward(images)
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError("the captured layer did not run in the forward pass")
+    return Capture(tokens=tokens, input=captured["input"], output=captured["output"])

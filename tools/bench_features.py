@@ -1,0 +1,178 @@
+"""Benchmark patch features: seconds per image for a plain forward and FUNGI variants, with step shares.
+
+Per image means one WxH image passed in batches of `--batch`, with features for all its
+patches; variants ending in `_select<n>` project only n random patches per image, as when a
+memory bank keeps n of them (forward and loss still use the whole image). Every variant is
+timed in `--rounds` interleaved rounds and its best round is reported, so load from other
+processes inflates no single variant; on a shared machine `--clock process --threads 1`
+counts only this process's CPU seconds. Ratios are to the plain forward (`embeddings`
+features: one no-grad forward), which FUNGI's own forward replaces. Step shares are
+fractions of a variant's best round: forward (the no-grad backbone pass plus the recorded
+tail after the gradient layer), negatives (support search, gather, head), loss_backward
+(loss and the tail backward), projection, other.
+
+    python tools/bench_features.py --backbone dinov2_vits14 --weights FILE --size 448x336
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from hummingbird_fungi.backbones import Backbone, load_backbone
+from hummingbird_fungi.features import EmbeddingFeatures, PatchFeatures
+from hummingbird_fungi.features.fungi_patch import FungiPatchFeatures
+
+log = logging.getLogger("bench_features")
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def parse_args() -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", required=True)
+    parser.add_argument("--weights", default=None, help="local state dict; default: the hub weights")
+    parser.add_argument("--size", default="448x336", help="WxH input size")
+    parser.add_argument("--images", type=int, default=4, help="timed images per variant and round")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best is kept")
+    parser.add_argument("--images-dir", default=None, help="real images (*.jpg, *.png) instead of random ones")
+    parser.add_argument("--support-images", type=int, default=16,
+                        help="images whose patch embeddings form the support set of the negatives variant")
+    parser.add_argument("--select", type=int, default=32, help="patches per image for the _select variant")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="wall time, or this process's CPU time (robust to other load with --threads 1)")
+    parser.add_argument("--device", default="cpu")
+    return parser.parse_args()
+
+
+def load_images(count: int, width: int, height: int, images_dir: str | None, seed: int) -> torch.Tensor:
+    """`count` normalised images (count, 3, H, W): random, or consecutive files of `images_dir`."""
+    if images_dir is None:
+        return torch.randn(count, 3, height, width, generator=torch.Generator().manual_seed(seed))
+    files = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    if len(files) < count:
+        raise SystemExit(f"{images_dir} has {len(files)} images, {count} needed")
+    start = (seed * count) % (len(files) - count + 1)
+    arrays = [np.asarray(Image.open(p).convert("RGB").resize((width, height), Image.BILINEAR), dtype=np.float32)
+              for p in files[start:start + count]]
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0  # (B, 3, H, W)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    return (batch - mean) / std
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_pass(extractor: PatchFeatures, images: torch.Tensor, batch: int,
+             select: int | None) -> tuple[float, float]:
+    """Wall and process seconds per image of one pass of `extractor` over `images` in batches."""
+    patch = extractor.backbone.patch_size
+    num_patches = (images.shape[2] // patch) * (images.shape[3] // patch)
+    generator = torch.Generator().manual_seed(0)
+    synchronize(images.device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    for i in range(0, len(images), batch):
+        chunk = images[i:i + batch]
+        ids = None if select is None else torch.stack(
+            [torch.randperm(num_patches, generator=generator)[:select] for _ in range(len(chunk))])  # (b, n)
+        extractor(chunk, ids)
+    synchronize(images.device)
+    return (time.perf_counter() - start) / len(images), (time.process_time() - start_cpu) / len(images)
+
+
+def step_shares(step_times: dict[str, float], seconds: float) -> dict[str, float]:
+    """Fractions of a pass's `seconds` spent in each recorded step, plus 'other'."""
+    shares = {step: round(t / seconds, 4) for step, t in step_times.items()}
+    shares["other"] = round(max(0.0, 1.0 - sum(shares.values())), 4)
+    return shares
+
+
+def support_set(backbone: Backbone, images: torch.Tensor, batch: int) -> torch.Tensor:
+    """Unit-norm patch embeddings (M, E) of `images`, the support set for negatives."""
+    with torch.no_grad():
+        rows = [backbone(images[i:i + batch]).float().flatten(0, 1) for i in range(0, len(images), batch)]
+    return F.normalize(torch.cat(rows), dim=-1)
+
+
+def make_variants(backbone: Backbone, args: argparse.Namespace,
+                  support_images: torch.Tensor) -> dict[str, tuple[PatchFeatures, int | None]]:
+    """The timed extractors by result name, with their per-image patch selection (None: all)."""
+    variants: dict[str, tuple[PatchFeatures, int | None]] = {
+        "forward": (EmbeddingFeatures(backbone), None),
+        "fungi_structured_none": (FungiPatchFeatures(backbone, projection="structured"), None),
+        "fungi_dense_none": (FungiPatchFeatures(backbone, projection="dense"), None),
+        f"fungi_dense_none_select{args.select}": (FungiPatchFeatures(backbone, projection="dense"), args.select),
+        "fungi_structured_support": (FungiPatchFeatures(backbone, negatives="support"), None),
+    }
+    variants["fungi_structured_support"][0].set_support(support_set(backbone, support_images, args.batch))
+    return variants
+
+
+def time_variants(variants: dict[str, tuple[PatchFeatures, int | None]], images: torch.Tensor,
+                  args: argparse.Namespace) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Best seconds per image of every variant over interleaved rounds, and step shares of FUNGI ones."""
+    best = {name: math.inf for name in variants}
+    shares: dict[str, dict[str, float]] = {}
+    for round_index in range(args.rounds + 1):  # round 0 warms up
+        for name, (extractor, select) in variants.items():
+            if isinstance(extractor, FungiPatchFeatures):
+                extractor.step_times = {}
+            wall, process = run_pass(extractor, images, args.batch, select)
+            seconds = wall if args.clock == "wall" else process
+            if round_index > 0 and seconds < best[name]:
+                best[name] = seconds
+                if isinstance(extractor, FungiPatchFeatures):  # step times are wall seconds
+                    shares[name] = step_shares(extractor.step_times or {}, wall * len(images))
+        log.info("round %d: %s", round_index, {name: round(s, 3) for name, s in best.items()})
+    return best, shares
+
+
+def benchmark(backbone: Backbone, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Best seconds per image, ratio to the plain forward and step shares of every variant."""
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    patches = (height // backbone.patch_size) * (width // backbone.patch_size)
+    images = load_images(args.images, width, height, args.images_dir, seed=0).to(device)
+    support_images = load_images(args.support_images, width, height, args.images_dir, seed=1).to(device)
+    best, shares = time_variants(make_variants(backbone, args, support_images), images, args)
+    result: dict[str, Any] = {
+        "backbone": args.backbone, "size": f"{width}x{height}", "device": str(device),
+        "threads": torch.get_num_threads(), "images": args.images, "batch": args.batch, "rounds": args.rounds,
+        "clock": args.clock, "patches_per_img": patches, "support_rows": args.support_images * patches,
+    }
+    for name, seconds in best.items():
+        result[f"{name}_s_per_img"] = round(seconds, 4)
+        if name != "forward":
+            result[f"{name}_ratio"] = round(seconds / best["forward"], 3)
+            result[f"{name}_steps"] = shares[name]
+    return result
+
+
+def main() -> None:
+    """Time the variants and print one JSON object."""
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    backbone = load_backbone(args.backbone, weights=args.weights, pretrained=args.weights is None, device=device)
+    print(json.dumps(benchmark(backbone, args, device), indent=2))
+
+
+if __name__ == "__main__":
+    main()
