@@ -1,0 +1,447 @@
+"""Image-level FUNGI (spec 9): projected per-image gradients of the KL, DINO and SimCLR objectives.
+
+For each image, views are made (KL: the eval view; DINO: global + local random crops;
+SimCLR: a grid of overlapping crops), embedded (the backbone's pooled embedding, the CLS
+token after the final norm for DINO/DINOv2), and an objective on fresh, seeded, never-trained
+heads gives a per-image loss. The gradient of that loss at a linear layer (default the last
+block's attn.proj) is ``G = sum_views sum_tokens g_t [a_t; 1]^T`` (weight and bias, bias last),
+formed per image from the captured layer input a and output-gradient g (gradients.py), then
+projected with the seeded projection shared by all objectives and splits (projection.py) and
+L2-normalised. Losses are summed over images, so an image's gradient never depends on the
+other images of its batch.
+
+Choices where the reference implementations disagree (spec 9, 10.4):
+* KL temperature 15 (paper jobs; FV's default is 1), latent 768, target exactly uniform.
+* SimCLR temperature on the whole similarity matrix (NTAG, the paper's code; FV and FH put it
+  on the positive term only: `tau_placement="positive"`), 256 negative images (NTAG; FV 64).
+* DINO teacher: the same backbone forward, detached, with its own random head (FV; equal to
+  NTAG's second copy of the same frozen backbone).
+* Projection scaling 1/sqrt(out_dim) (NTAG; FV's 1/sqrt(E(E+1)) only rescales, and the L2
+  normalisation removes any scale).
+* Numerics: fp32 on CPU, bf16 autocast for the backbone on CUDA; losses, per-image gradient
+  matrices and the projection always in fp32.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+from ..errors import ConfigError
+from .gradients import DEFAULT_LAYER, find_linear, forward_with_capture
+from .projection import build_projection, derived_seed
+
+if TYPE_CHECKING:
+    from ..backbones import Backbone
+
+OBJECTIVES = ("kl", "dino", "simclr")
+BLOCKS = ("emb",) + OBJECTIVES  # feature blocks in concatenation order
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TAU_PLACEMENTS = ("both", "positive")
+AUTOCAST = ("auto", "bf16", "off")
+BICUBIC = InterpolationMode.BICUBIC
+
+
+# --------------------------------------------------------------------------- views
+
+
+def normalize_image(x: Tensor) -> Tensor:
+    """ImageNet normalisation of (..., 3, H, W) values in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def eval_view(image: Image.Image, size: int) -> Tensor:
+    """The eval transform: shorter side to size*256/224 (bicubic), centre crop size -> (3, S, S)."""
+    image = TF.resize(image, round(size * 256 / 224), interpolation=BICUBIC)
+    return normalize_image(TF.to_tensor(TF.center_crop(image, size)))
+
+
+def eval_views(image: Image.Image, index: int, size: int) -> Tensor:
+    """The eval view as a one-view stack (the embedding block's views) -> (1, 3, S, S)."""
+    return eval_view(image, size)[None]
+
+
+def random_crops(image: Image.Image, size: int, count: int, scale: tuple[float, float]) -> list[Tensor]:
+    """`count` RandomResizedCrops (bicubic, default ratio) from the global torch RNG -> [(3, S, S)]."""
+    crops = []
+    for _ in range(count):
+        top, left, height, width = RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3])
+        crop = TF.resized_crop(image, top, left, height, width, [size, size], interpolation=BICUBIC)
+        crops.append(normalize_image(TF.to_tensor(crop)))
+    return crops
+
+
+def patchify(image: Image.Image, size: int, num_patches: int, stride_scale: float) -> Tensor:
+    """NTAG's SimCLR views: resize to size^2, windows of size/sqrt(num_patches), stride int(window/stride_scale),
+    each resized back to size -> (n^2, 3, S, S)."""
+    window = int(size / math.sqrt(num_patches))
+    stride = max(1, int(window / stride_scale))
+    x = TF.to_tensor(TF.resize(image, [size, size], interpolation=BICUBIC))  # (3, S, S)
+    tiles = x.unfold(1, window, stride).unfold(2, window, stride)  # (3, n, n, w, w)
+    tiles = tiles.permute(1, 2, 0, 3, 4).reshape(-1, 3, window, window)  # (n^2, 3, w, w)
+    tiles = F.interpolate(tiles, size=(size, size), mode="bicubic", align_corners=False)
+    return normalize_image(tiles)
+
+
+def patchify_count(size: int, num_patches: int, stride_scale: float) -> int:
+    """Number of SimCLR views `patchify` makes."""
+    window = int(size / math.sqrt(num_patches))
+    stride = max(1, int(window / stride_scale))
+    return ((size - window) // stride + 1) ** 2
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def kl_uniform_loss(logits: Tensor, temperature: float) -> Tensor:
+    """Per image, kl_div(log_softmax(h/T), uniform) averaged over the L outputs: (B, L) -> (B,)."""
+    log_p = F.log_softmax(logits / temperature, dim=-1)
+    uniform = torch.full_like(log_p, 1.0 / logits.shape[-1])
+    return F.kl_div(log_p, uniform, reduction="none").mean(-1)
+
+
+def dino_loss(student: Tensor, teacher: Tensor, student_temp: float, teacher_temp: float) -> Tensor:
+    """sum_{t in teacher} sum_{s in student} -<softmax(t/tt), log_softmax(s/ts)>: (B,V,L), (B,G,L) -> (B,)."""
+    targets = F.softmax(teacher / teacher_temp, dim=-1)  # (B, G, L)
+    log_probs = F.log_softmax(student / student_temp, dim=-1)  # (B, V, L)
+    return -torch.einsum("bgl,bvl->b", targets, log_probs)
+
+
+def simclr_loss(z: Tensor, negatives: Tensor | None, temperature: float, tau_placement: str = "both") -> Tensor:
+    """Per image InfoNCE of its V views against each other and shared negatives: (B, V, L), (M, L) -> (B,).
+
+    l_i = -mean_{j in views, j != i} s_ij / tau + logsumexp_{j != i} (s_ij / tau, or s_ij when the
+    temperature sits on the positive term only), s = cosine; mean over i.
+    """
+    views = z.shape[1]
+    if views < 2:
+        raise ValueError("the SimCLR loss needs at least two views per image")
+    unit = F.normalize(z.float(), dim=-1)
+    cos = unit @ unit.transpose(1, 2)  # (B, V, V)
+    self_mask = torch.eye(views, dtype=torch.bool, device=z.device)
+    attract = cos.masked_fill(self_mask, 0.0).sum(-1) / ((views - 1) * temperature)  # (B, V)
+    logits = cos.masked_fill(self_mask, float("-inf"))
+    if negatives is not None:
+        neg = unit @ F.normalize(negatives.float(), dim=-1).T  # (B, V, M)
+        logits = torch.cat([neg, logits], dim=-1)  # (B, V, M + V)
+    if tau_placement == "both":
+        logits = logits / temperature
+    return (torch.logsumexp(logits, dim=-1) - attract).mean(-1)
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+def seeded_linear(in_dim: int, out_dim: int, seed: int) -> nn.Linear:
+    """A never-trained nn.Linear with PyTorch's default init drawn from a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(in_dim)
+    layer = nn.Linear(in_dim, out_dim).requires_grad_(False)
+    with torch.no_grad():
+        layer.weight.copy_((torch.rand(out_dim, in_dim, generator=generator) * 2 - 1) * bound)
+        layer.bias.copy_((torch.rand(out_dim, generator=generator) * 2 - 1) * bound)
+    return layer
+
+
+class ImageObjective(abc.ABC):
+    """A self-supervised objective: how to make an image's views and the per-image loss of their embeddings."""
+
+    name: str = ""
+
+    def __init__(self, embed_dim: int, input_size: int, seed: int, batch_size: int) -> None:
+        if input_size < 1 or batch_size < 1:
+            raise ConfigError(f"{self.name}: input_size and batch_size must be >= 1")
+        self.embed_dim, self.input_size, self.seed, self.batch_size = embed_dim, input_size, seed, batch_size
+
+    @property
+    @abc.abstractmethod
+    def num_views(self) -> int:
+        """Views per image V."""
+
+    @abc.abstractmethod
+    def views(self, image: Image.Image, index: int) -> Tensor:
+        """The views of dataset image `index` -> (V, 3, S, S)."""
+
+    @abc.abstractmethod
+    def loss(self, embeddings: Tensor) -> Tensor:
+        """Per-image loss of view embeddings (B, V, E) -> (B,)."""
+
+    @abc.abstractmethod
+    def options(self) -> dict[str, Any]:
+        """Everything that changes the gradients (recorded in cache keys)."""
+
+    def _head(self, role: int, out_dim: int) -> nn.Linear:
+        """A seeded random head E -> out_dim; `role` tells heads of one objective apart."""
+        return seeded_linear(self.embed_dim, out_dim, derived_seed(self.seed, OBJECTIVES.index(self.name), role))
+
+
+class KLObjective(ImageObjective):
+    """KL divergence between softmax(head(normalize(emb)) / T) and the uniform distribution (spec 9.2)."""
+
+    name = "kl"
+
+    def __init__(self, embed_dim: int, input_size: int, seed: int, batch_size: int = 64,
+                 temperature: float = 15.0, latent_dim: int = 768) -> None:
+        super().__init__(embed_dim, input_size, seed, batch_size)
+        if temperature <= 0 or latent_dim < 1:
+            raise ConfigError("kl: temperature must be > 0 and latent_dim >= 1")
+        self.temperature, self.latent_dim = temperature, latent_dim
+        self.head = self._head(0, latent_dim)
+
+    @property
+    def num_views(self) -> int:
+        return 1
+
+    def views(self, image: Image.Image, index: int) -> Tensor:
+        return eval_views(image, index, self.input_size)
+
+    def loss(self, embeddings: Tensor) -> Tensor:
+        self.head = self.head.to(embeddings.device)
+        logits = self.head(F.normalize(embeddings[:, 0], dim=-1))  # (B, L)
+        return kl_uniform_loss(logits, self.temperature)
+
+    def options(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "latent_dim": self.latent_dim, "input_size": self.input_size,
+                "seed": self.seed}
+
+
+class DINOObjective(ImageObjective):
+    """DINO self-distillation between teacher global views and student views, fresh heads (spec 9.3)."""
+
+    name = "dino"
+
+    def __init__(self, embed_dim: int, input_size: int, seed: int, batch_size: int = 16,
+                 global_views: int = 2, local_views: int = 10, global_scale: tuple[float, float] = (0.25, 1.0),
+                 local_scale: tuple[float, float] = (0.05, 0.25), latent_dim: int = 2048,
+                 teacher_temperature: float = 0.07, student_temperature: float = 0.1) -> None:
+        super().__init__(embed_dim, input_size, seed, batch_size)
+        if global_views < 1 or local_views < 0 or latent_dim < 1:
+            raise ConfigError("dino: needs global_views >= 1, local_views >= 0, latent_dim >= 1")
+        if teacher_temperature <= 0 or student_temperature <= 0:
+            raise ConfigError("dino: temperatures must be > 0")
+        self.global_views, self.local_views = global_views, local_views
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.latent_dim = latent_dim
+        self.teacher_temperature, self.student_temperature = teacher_temperature, student_temperature
+        self.student_head = self._head(0, latent_dim)
+        self.teacher_head = self._head(1, latent_dim)
+
+    @property
+    def num_views(self) -> int:
+        return self.global_views + self.local_views
+
+    def views(self, image: Image.Image, index: int) -> Tensor:
+        """Global then local crops, drawn from a generator seeded by (seed, index) -> (V, 3, S, S)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(self.seed, OBJECTIVES.index(self.name), 2, index))
+            crops = random_crops(image, self.input_size, self.global_views, self.global_scale)
+            crops += random_crops(image, self.input_size, self.local_views, self.local_scale)
+        return torch.stack(crops)
+
+    def loss(self, embeddings: Tensor) -> Tensor:
+        self.student_head = self.student_head.to(embeddings.device)
+        self.teacher_head = self.teacher_head.to(embeddings.device)
+        unit = F.normalize(embeddings, dim=-1)  # (B, V, E)
+        student = self.student_head(unit)  # (B, V, L)
+        teacher = self.teacher_head(unit[:, :self.global_views].detach())  # (B, G, L)
+        return dino_loss(student, teacher, self.student_temperature, self.teacher_temperature)
+
+    def options(self) -> dict[str, Any]:
+        return {"global_views": self.global_views, "local_views": self.local_views,
+                "global_scale": list(self.global_scale), "local_scale": list(self.local_scale),
+                "latent_dim": self.latent_dim, "teacher_temperature": self.teacher_temperature,
+                "student_temperature": self.student_temperature, "input_size": self.input_size, "seed": self.seed}
+
+
+class SimCLRObjective(ImageObjective):
+    """InfoNCE between an image's patchified views, against a fixed set of negative latents (spec 9.4).
+
+    The negatives (views of training images, through the same backbone and head) must be
+    set with `set_negatives` before the loss is used.
+    """
+
+    name = "simclr"
+
+    def __init__(self, embed_dim: int, input_size: int, seed: int, batch_size: int = 36,
+                 num_patches: int = 4, stride_scale: float = 6, latent_dim: int = 96, negatives: int = 256,
+                 temperature: float = 0.07, tau_placement: str = "both") -> None:
+        super().__init__(embed_dim, input_size, seed, batch_size)
+        if tau_placement not in TAU_PLACEMENTS:
+            raise ConfigError(f"simclr: tau_placement={tau_placement!r}; choose one of {TAU_PLACEMENTS}")
+        if num_patches < 1 or stride_scale <= 0 or latent_dim < 1 or negatives < 0 or temperature <= 0:
+            raise ConfigError("simclr: needs num_patches >= 1, stride_scale > 0, latent_dim >= 1, "
+                              "negatives >= 0, temperature > 0")
+        self.num_patches, self.stride_scale = num_patches, stride_scale
+        self.latent_dim, self.num_negatives = latent_dim, negatives
+        self.temperature, self.tau_placement = temperature, tau_placement
+        if self.num_views < 2:
+            raise ConfigError(f"simclr: num_patches={num_patches}, stride_scale={stride_scale} make < 2 views")
+        self.head = self._head(0, latent_dim)
+        self.negatives: Tensor | None = None  # (M, L)
+        self.negative_ids: list[int] = []
+
+    @property
+    def num_views(self) -> int:
+        return patchify_count(self.input_size, self.num_patches, self.stride_scale)
+
+    def views(self, image: Image.Image, index: int) -> Tensor:
+        return patchify(image, self.input_size, self.num_patches, self.stride_scale)
+
+    def negative_images(self, num_train: int) -> list[int]:
+        """Training-set indices of the negative images: a seeded permutation's first `negatives`."""
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, OBJECTIVES.index(self.name), 1))
+        return torch.randperm(num_train, generator=generator)[:self.num_negatives].sort().values.tolist()
+
+    def set_negatives(self, embeddings: Tensor, image_ids: list[int]) -> None:
+        """Store the negatives' latents head(emb) from their view embeddings (M, E)."""
+        with torch.no_grad():
+            self.negatives = self.head.to(embeddings.device)(embeddings.float())  # (M, L)
+        self.negative_ids = list(image_ids)
+
+    def loss(self, embeddings: Tensor) -> Tensor:
+        if self.num_negatives and self.negatives is None:
+            raise RuntimeError("simclr negatives are not set: call set_negatives first")
+        self.head = self.head.to(embeddings.device)
+        negatives = None if self.negatives is None else self.negatives.to(embeddings.device)
+        return simclr_loss(self.head(embeddings), negatives, self.temperature, self.tau_placement)
+
+    def options(self) -> dict[str, Any]:
+        return {"num_patches": self.num_patches, "stride_scale": self.stride_scale, "views": self.num_views,
+                "latent_dim": self.latent_dim, "negatives": self.num_negatives,
+                "negative_ids": self.negative_ids, "temperature": self.temperature,
+                "tau_placement": self.tau_placement, "input_size": self.input_size, "seed": self.seed}
+
+
+OBJECTIVE_CLASSES: dict[str, type[ImageObjective]] = {
+    "kl": KLObjective, "dino": DINOObjective, "simclr": SimCLRObjective}
+
+
+def build_objective(name: str, embed_dim: int, input_size: int, seed: int, options: dict[str, Any]) -> ImageObjective:
+    """An objective by name with its options (unknown option names raise ConfigError)."""
+    if name not in OBJECTIVE_CLASSES:
+        raise ConfigError(f"unknown FUNGI objective {name!r}; choose from {list(OBJECTIVES)}")
+    try:
+        return OBJECTIVE_CLASSES[name](embed_dim, input_size, seed, **options)
+    except TypeError as exc:
+        raise ConfigError(f"features.{name}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- extractor
+
+
+@dataclass
+class FeatureBlock:
+    """One feature block: how to make an image's views and turn a batch of them into unit rows."""
+
+    name: str  # emb | kl | dino | simclr
+    dim: int
+    views: Callable[[Image.Image, int], Tensor]  # (image, index) -> (V, 3, S, S)
+    compute: Callable[[Tensor], Tensor]  # (B, V, 3, S, S) -> (B, dim) unit rows, float32
+    batch_size: int
+    options: dict[str, Any]
+
+
+class ImageFungi:
+    """Embeddings and projected per-image objective gradients of one backbone, one shared projection."""
+
+    def __init__(self, backbone: "Backbone", input_size: int, seed: int = 0, projection: str = "dense",
+                 projection_options: dict[str, Any] | None = None, out_dim: int | None = None,
+                 layer: str = DEFAULT_LAYER, autocast: str = "auto", embed_batch_size: int = 64) -> None:
+        if autocast not in AUTOCAST:
+            raise ConfigError(f"features.autocast={autocast!r}; choose one of {AUTOCAST}")
+        self.backbone, self.input_size, self.seed = backbone, input_size, seed
+        self.layer_path, self.autocast, self.embed_batch_size = layer, autocast, embed_batch_size
+        self.layer = find_linear(backbone.model, layer)
+        self.projection = build_projection(projection, out_dim or backbone.embed_dim, self.layer.out_features,
+                                           self.layer.in_features, seed, **(projection_options or {}))
+        self.objectives: dict[str, ImageObjective] = {}
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the backbone's parameters."""
+        return next(self.backbone.parameters()).device
+
+    def add_objective(self, objective: ImageObjective) -> None:
+        """Make an objective's gradient block available."""
+        self.objectives[objective.name] = objective
+
+    def options(self) -> dict[str, Any]:
+        """What every block shares: backbone, layer, projection, input size."""
+        return {"backbone": self.backbone.name, "timm_name": self.backbone.timm_name,
+                "weights": self.backbone.weights_id, "layer": self.layer_path,
+                "projection": self.projection.options(), "input_size": self.input_size,
+                "autocast": self._use_autocast()}
+
+    def block(self, name: str) -> FeatureBlock:
+        """The feature block `name` (emb or an added objective)."""
+        if name == "emb":
+            return FeatureBlock("emb", self.backbone.embed_dim, functools.partial(eval_views, size=self.input_size),
+                                self.embeddings, self.embed_batch_size, self.options())
+        if name not in self.objectives:
+            raise ConfigError(f"objective {name!r} was not configured; have {sorted(self.objectives)}")
+        objective = self.objectives[name]
+        return FeatureBlock(name, self.projection.out_dim, objective.views,
+                            lambda views: self.gradient_features(objective, views), objective.batch_size,
+                            {**self.options(), "objective": objective.options()})
+
+    def _use_autocast(self) -> bool:
+        """Whether the backbone runs in bf16 autocast ('auto': on CUDA only)."""
+        return self.autocast == "bf16" or (self.autocast == "auto" and self.device.type == "cuda")
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for the backbone pass when enabled, else nothing."""
+        if self._use_autocast():
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _pooled(self, images: Tensor) -> Tensor:
+        """The backbone's image embedding (CLS after the final norm for token pooling): (n, 3, S, S) -> (n, E)."""
+        return self.backbone.model.forward_head(self.backbone.forward_tokens(images), pre_logits=True)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Raw image embeddings (n, 3, S, S) -> (n, E) float32."""
+        with self._autocast():
+            return self._pooled(images.to(self.device)).float()
+
+    def embeddings(self, views: Tensor) -> Tensor:
+        """The embedding block: eval views (B, 1, 3, S, S) -> (B, E) unit rows."""
+        return F.normalize(self.encode(views[:, 0]), dim=-1)
+
+    def per_sample_gradients(self, objective: ImageObjective, views: Tensor) -> Tensor:
+        """Per-image gradient at the layer, summed over views and tokens: (B, V, 3, S, S) -> (B, E_out, E_in + 1)."""
+        batch, count = views.shape[:2]
+        with torch.inference_mode(False), torch.enable_grad():
+            with self._autocast():
+                capture = forward_with_capture(self._pooled, self.layer, views.flatten(0, 1).to(self.device))
+            embeddings = capture.tokens.float().view(batch, count, -1)  # (B, V, E)
+            loss = objective.loss(embeddings).sum()  # images independent: sum, not mean
+            (g,) = torch.autograd.grad(loss, capture.output)  # (B V, T, E_out)
+        g = g.float().reshape(batch, -1, g.shape[-1])  # (B, V T, E_out)
+        a = capture.input.float().reshape(batch, -1, capture.input.shape[-1])  # (B, V T, E_in)
+        a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=-1)  # (B, V T, E_in + 1)
+        return g.transpose(1, 2) @ a  # (B, E_out, E_in + 1)
+
+    def gradient_features(self, objective: ImageObjective, views: Tensor) -> Tensor:
+        """Projected, L2-normalised per-image gradients: (B, V, 3, S, S) -> (B, P)."""
+        gradients = self.per_sample_gradients(objective, views)
+        return F.normalize(self.projection.project_full(gradients), dim=-1)
+
+
+def combination_name(blocks: tuple[str, ...] | list[str]) -> str:
+    """'emb+kl+dino' style name of a block combination, in canonical block order."""
+    return "+".join(b for b in BLOCKS if b in blocks)
