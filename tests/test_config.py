@@ -31,11 +31,11 @@ def test_unknown_key_is_named():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_loads(path):
     from hummingbird_fungi.config import DEFAULTS
+    from hummingbird_fungi.knn import KNN_DEFAULTS
 
-    if path.name.startswith("knn_"):
-        pytest.skip("image-level presets use the knn defaults")
-    cfg = load_config(path, defaults=DEFAULTS)
-    assert input_size(cfg["model"]["input_size"])[0] % 14 == 0 or input_size(cfg["model"]["input_size"])[0] % 16 == 0
+    cfg = load_config(path, defaults=KNN_DEFAULTS if path.name.startswith("knn_") else DEFAULTS)
+    height = input_size(cfg["model"]["input_size"])[0]
+    assert height % 14 == 0 or height % 16 == 0
 
 
 def test_input_size_forms():

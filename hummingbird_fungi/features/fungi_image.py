@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from ..errors import ConfigError
-from .gradients import DEFAULT_LAYER, find_linear, forward_with_capture
+from .gradients import DEFAULT_LAYER, find_linear, forward_with_capture, random_head
 from .projection import build_projection, derived_seed
 
 if TYPE_CHECKING:
@@ -148,12 +148,11 @@ def simclr_loss(z: Tensor, negatives: Tensor | None, temperature: float, tau_pla
 
 def seeded_linear(in_dim: int, out_dim: int, seed: int) -> nn.Linear:
     """A never-trained nn.Linear with PyTorch's default init drawn from a seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
-    bound = 1.0 / math.sqrt(in_dim)
+    weight, bias = random_head(in_dim, out_dim, seed)
     layer = nn.Linear(in_dim, out_dim).requires_grad_(False)
     with torch.no_grad():
-        layer.weight.copy_((torch.rand(out_dim, in_dim, generator=generator) * 2 - 1) * bound)
-        layer.bias.copy_((torch.rand(out_dim, generator=generator) * 2 - 1) * bound)
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
     return layer
 
 

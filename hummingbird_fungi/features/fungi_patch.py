@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -36,7 +35,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .base import PatchFeatures, select_patches
-from .gradients import DEFAULT_LAYER, find_linear, forward_with_capture
+from .gradients import DEFAULT_LAYER, find_linear, forward_with_capture, random_head
 from .projection import build_projection
 
 if TYPE_CHECKING:
@@ -135,7 +134,7 @@ class FungiPatchFeatures(PatchFeatures):
         self.autocast, self.token_chunk = autocast, token_chunk
         self.layer = find_linear(backbone.model, layer)
         embed_dim = backbone.embed_dim
-        self.head_weight, self.head_bias = _random_head(embed_dim, head_dim, head_seed)
+        self.head_weight, self.head_bias = random_head(embed_dim, head_dim, head_seed)
         proj_options: dict[str, Any] = ({"rank": rank, "distribution": projection_distribution}
                                         if projection == "structured" else {})
         self.projection = build_projection(projection, out_dim or embed_dim, self.layer.out_features,
@@ -249,15 +248,6 @@ class FungiPatchFeatures(PatchFeatures):
         yield
         _synchronize()
         self.step_times[step] = self.step_times.get(step, 0.0) + time.perf_counter() - start
-
-
-def _random_head(embed_dim: int, head_dim: int, seed: int) -> tuple[Tensor, Tensor]:
-    """The untrained fc head: weight (L, E), bias (L) ~ U(-1/sqrt(E), 1/sqrt(E)), PyTorch's default law."""
-    generator = torch.Generator().manual_seed(seed)
-    bound = 1.0 / math.sqrt(embed_dim)
-    weight = (torch.rand(head_dim, embed_dim, generator=generator) * 2 - 1) * bound
-    bias = (torch.rand(head_dim, generator=generator) * 2 - 1) * bound
-    return weight, bias
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

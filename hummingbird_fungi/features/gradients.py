@@ -11,6 +11,8 @@ never into parameter gradients.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -80,3 +82,12 @@ def forward_with_capture(forward: Callable[[Tensor], Tensor], layer: nn.Linear, 
     if not captured:
         raise RuntimeError("the captured layer did not run in the forward pass")
     return Capture(tokens=tokens, input=captured["input"], output=captured["output"])
+
+
+def random_head(in_dim: int, out_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A never-trained head: weight (out, in), bias (out) ~ U(-1/sqrt(in), 1/sqrt(in)) (PyTorch's default law), seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(in_dim)
+    weight = (torch.rand(out_dim, in_dim, generator=generator) * 2 - 1) * bound
+    bias = (torch.rand(out_dim, generator=generator) * 2 - 1) * bound
+    return weight, bias
