@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .memory_bank import MemoryBank
-from .retrieval import Index, build_index
+from .retrieval import FaissTrainedIndex, Index, build_index
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,10 @@ class LabelTransfer:
     @classmethod
     def from_bank(cls, bank: MemoryBank, backend: str = "torch", k: int = 30, temperature: float = 0.02,
                   rescore: bool = True, rerank: int = 0, **options) -> "LabelTransfer":
-        """Index `bank` block by block with `backend`, then wrap it."""
+        """Index `bank` block by block with `backend` (trained indexes first fit a uniform sample), then wrap it."""
         index = build_index(backend, bank.dim, **options)
+        if isinstance(index, FaissTrainedIndex) and bank.count > index.train_size:
+            index.fit(bank.sample_features(index.train_size))  # not just the first shards
         for block in tqdm(list(bank.feature_chunks()), desc=f"index ({backend})", unit="shard",
                           disable=len(bank.feature_blocks) < 4):
             index.add(block)

@@ -247,6 +247,25 @@ class MemoryBank:
         """Soft labels of rows `ids` -> (*ids.shape, C) float32."""
         return self._gather(self.label_blocks, ids)
 
+    def row_images(self) -> torch.Tensor:
+        """Dataset index of the image each row came from -> (M,) int64 (shards hold n rows per image)."""
+        per_image, ids = self.manifest.get("patches_per_image"), []
+        if not per_image or "shards" not in self.manifest:
+            raise DataError("this memory bank does not record which image its rows come from")
+        for shard in self.manifest["shards"]:
+            start, end = shard["images"]
+            if shard["rows"] != (end - start) * per_image:
+                raise DataError(f"memory-bank shard {shard['name']} holds {shard['rows']} rows, "
+                                f"not {per_image} for each of its {end - start} images")
+            ids.append(torch.arange(start, end).repeat_interleave(per_image))
+        return torch.cat(ids)
+
+    def sample_features(self, count: int, seed: int = 0) -> torch.Tensor:
+        """Features of `count` rows drawn uniformly without replacement (seeded) -> (min(count, M), D) float32."""
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randperm(self.count, generator=gen)[:count].sort().values  # sorted: sequential reads
+        return self.gather_features(ids)
+
 
 # --------------------------------------------------------------------------- building
 
@@ -302,7 +321,7 @@ def _extract_shard(dataset, extractor: PatchFeatures, spec: BankSpec, epoch: int
             counts = torch.gather(counts, 1, select.unsqueeze(-1).expand(-1, -1, counts.shape[-1]))
         else:
             select = None
-        features = extractor(batch["image"].to(device), select)  # (B, n, D)
+        features = extractor(batch["image"].to(device), select, image_ids=batch["index"])  # (B, n, D)
         feats.append(features.reshape(-1, features.shape[-1]).cpu().numpy().astype(spec.dtype))
         labels.append(soft_labels(counts).reshape(-1, counts.shape[-1]).numpy().astype(spec.label_dtype))
         progress.update(len(batch["index"]))

@@ -114,7 +114,8 @@ def make_extractor(config: dict, backbone: Backbone, train_set: SegmentationData
             support = build_memory_bank(train_set, EmbeddingFeatures(backbone), spec,
                                         batch_size=config["data"]["batch_size"], device=device,
                                         num_workers=config["data"]["num_workers"], distributed=False)
-            extractor.set_support(torch.from_numpy(np.concatenate(support.feature_blocks)).float())
+            extractor.set_support(torch.from_numpy(np.concatenate(support.feature_blocks)).float(),
+                                  image_ids=support.row_images())
     return extractor
 
 

@@ -283,6 +283,15 @@ class FaissTrainedIndex(FaissIndex):
         if sum(block.shape[0] for block in self.pending) >= self.train_size:
             self.train_on_pending()
 
+    def fit(self, sample: Array | Tensor) -> None:
+        """Train on `sample` (t, D), e.g. rows drawn uniformly from the whole bank, before any add."""
+        if self.index.is_trained or self.pending:
+            raise RuntimeError(f"{self.name} index: fit() must come before the first add()")
+        train = as_float32_numpy(sample)
+        self.prepare(train.shape[0])
+        log.info("training %s index on %d rows", self.name, train.shape[0])
+        self.index.train(train)
+
     def train_on_pending(self) -> None:
         """Train on the first `train_size` held rows, then add every held block."""
         sample, rows = [], 0

@@ -17,6 +17,7 @@ from hummingbird_fungi.features.fungi_patch import (
     gather_negatives,
     info_nce,
     keep_mask,
+    other_image_neighbours,
 )
 from hummingbird_fungi.features.gradients import find_linear, forward_with_capture
 
@@ -234,3 +235,47 @@ def test_support_negatives(backbone, images, negatives) -> None:
     plain = FungiPatchFeatures(backbone)(images)
     assert not torch.allclose(out, plain)  # the negatives do reach the gradients
     assert F.cosine_similarity(out, plain, dim=-1).min() > 0.5
+
+
+def test_other_image_neighbours_by_hand() -> None:
+    ids = torch.tensor([[[4, 0, 5, 1, 2]], [[0, 1, 2, 3, 4]]])  # (B=2, T=1, K'=5), best first
+    row_images = torch.tensor([0, 0, 1, 1, 2, 2])
+    got = other_image_neighbours(ids, row_images, torch.tensor([2, 0]), 2)
+    assert got.tolist() == [[[0, 1]], [[2, 3]]]  # image 2 drops rows 4, 5; image 0 drops rows 0, 1
+
+
+def test_support_negatives_skip_the_query_image(backbone, monkeypatch) -> None:
+    """With its own rows in the support set, an image's negatives come from other images unless told not to."""
+    torch.manual_seed(1)
+    support_images = torch.randn(4, 3, 32, 48)
+    with torch.no_grad():
+        support = F.normalize(backbone(support_images).reshape(-1, 32), dim=-1)  # (4 x 24, E)
+    row_images = torch.arange(4).repeat_interleave(24)
+    ext = FungiPatchFeatures(backbone, projection="dense", negatives="support", neg_k=3, n_neg=2, keep_prob=1.0)
+    ext.set_support(support, image_ids=row_images)
+    ids = torch.tensor([0, 1])
+    tokens = backbone.forward_tokens(support_images[:2])
+    seen = []
+    real_gather = gather_negatives
+
+    def spy(support_rows, neighbour_ids, n_neg, scrambled=False):
+        seen.append(neighbour_ids)
+        return real_gather(support_rows, neighbour_ids, n_neg, scrambled)
+
+    monkeypatch.setattr("hummingbird_fungi.features.fungi_patch.gather_negatives", spy)
+    ext._negatives(tokens, ids)
+    ext._negatives(tokens, None)
+    monkeypatch.undo()
+    excluded, kept = seen
+    assert excluded.shape == kept.shape == (2, 25, 3)
+    assert not (row_images[excluded] == ids.view(2, 1, 1)).any()
+    assert torch.equal(kept[:, 1:, 0], torch.arange(48).view(2, 24))  # each patch token's nearest row is itself
+    fungi = ext(support_images[:2], image_ids=ids)
+    assert not torch.allclose(fungi, ext(support_images[:2]))
+    torch.testing.assert_close(ext(support_images[1:2], image_ids=ids[1:]), fungi[1:], rtol=1e-5, atol=1e-5)
+    off = FungiPatchFeatures(backbone, projection="dense", negatives="support", neg_k=3, n_neg=2, keep_prob=1.0,
+                             exclude_same_image=False)
+    off.set_support(support, image_ids=row_images)
+    torch.testing.assert_close(off(support_images[:2], image_ids=ids), ext(support_images[:2]))
+    with pytest.raises(ValueError, match="image ids"):
+        ext.set_support(support, image_ids=row_images[:5])

@@ -79,3 +79,17 @@ def test_rerank_keeps_exact_best_and_missing_ids_are_dropped():
     assert torch.allclose(probs, torch.tensor([w[0], 0, w[1], 0, 0]))
     lonely = LabelTransfer(bank, StubIndex([[-1, -1]]), k=2, temperature=0.1)
     assert lonely(torch.tensor([[[1.0, 0.0]]])).abs().sum() == 0
+
+
+def test_trained_index_fits_a_sample_of_the_whole_bank():
+    """An IVF index built from a bank trains on rows from all of it, not only the first ones."""
+    gen = torch.Generator().manual_seed(0)
+    dim = 16
+    first = F.normalize(torch.randn(600, dim, generator=gen) * 0.1 + F.one_hot(torch.tensor(0), dim), dim=-1)
+    last = F.normalize(torch.randn(600, dim, generator=gen) * 0.1 + F.one_hot(torch.tensor(1), dim), dim=-1)
+    feats = torch.cat([first, last]).numpy()
+    bank = MemoryBank.from_arrays(feats, np.ones((1200, 1), dtype=np.float32), {})
+    transfer = LabelTransfer.from_bank(bank, "faiss_ivfpq", k=5, nlist=8, m=4, train_size=300, reorder=False)
+    centroids = torch.from_numpy(transfer.index.ivf.quantizer.reconstruct_n(0, 8))  # (nlist, D)
+    assert F.normalize(centroids, dim=-1)[:, 1].max() > 0.8  # some list sits in the last rows' region
+    assert transfer.index.ntotal == 1200

@@ -42,7 +42,7 @@ class PatchMeanFeatures(PatchFeatures):
     def options(self):
         return {"scale": self.scale}
 
-    def __call__(self, images, select=None):
+    def __call__(self, images, select=None, image_ids=None):
         pooled = F.avg_pool2d(images, self.backbone.patch_size)  # (B, 3, h, w)
         feats = torch.cat([pooled, torch.full_like(pooled[:, :1], self.scale)], 1).flatten(2).transpose(1, 2)
         return F.normalize(select_patches(feats, select), dim=-1)
@@ -166,3 +166,19 @@ def test_subsampling_an_unbounded_bank_equals_a_bounded_build():
     derived = subsample_bank(full, 2)
     assert np.array_equal(np.concatenate(direct.feature_blocks), derived.feature_blocks[0])
     assert np.array_equal(np.concatenate(direct.label_blocks), derived.label_blocks[0])
+
+
+def test_row_images_name_the_image_of_every_row(tmp_path):
+    seen = []
+
+    class Recording(PatchMeanFeatures):
+        def __call__(self, images, select=None, image_ids=None):
+            out = super().__call__(images, select)
+            seen.append(image_ids.repeat_interleave(out.shape[1]))  # the ids the builder passed
+            return out
+
+    bank = build_memory_bank(ToyDataset(), Recording(FakeBackbone()), spec(), path=tmp_path / "bank")
+    assert torch.equal(bank.row_images(), torch.cat(seen))
+    assert bank.row_images()[:6].tolist() == [0, 0, 1, 1, 2, 2] and bank.row_images()[20:22].tolist() == [0, 0]
+    with pytest.raises(DataError, match="which image"):
+        MemoryBank.from_arrays(np.ones((2, 4), np.float32), np.ones((2, 3), np.float32), {}).row_images()

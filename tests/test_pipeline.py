@@ -85,3 +85,14 @@ def test_bad_inputs_name_the_culprit_and_keep_finished_shards(toy_dataset, tmp_p
     assert "empty" in capsys.readouterr().err
     assert main(["hbird", *TINY, f"data.root={toy_dataset}", "memory.sise=3"]) == 2
     assert "memory.sise" in capsys.readouterr().err
+
+
+def test_fungi_features_run_end_to_end_with_support_negatives(toy_dataset):
+    plain = run_hbird(config(toy_dataset, "features.kind=fungi"))
+    support = run_hbird(config(toy_dataset, "features.kind=fungi", "features.fungi.negatives=support",
+                               "features.support.size=60"))
+    options = support["features"]["options"]
+    assert options["negatives"] == "support" and options["exclude_same_image"] is True
+    assert support["features"]["dim"] == plain["features"]["dim"] == 2 * 192
+    assert support["memory"]["rows"] == plain["memory"]["rows"] == 36
+    assert "support_bank_s" in support["timings"] and 0.0 <= support["miou"] <= 1.0

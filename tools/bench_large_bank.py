@@ -67,6 +67,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--transfer-images", type=int, default=1, help="query 'images' of patches for label transfer")
     parser.add_argument("--scan-rows", type=int, default=65536, help="rows per step of the exact scan")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse-index", action="store_true",
+                        help="load the index file a previous run left next to the bank instead of building it")
     parser.add_argument("--cleanup", action="store_true", help="delete the bank directory at the end")
     return parser.parse_args()
 
@@ -217,24 +219,18 @@ def shard_blocks(bank: MemoryBank, path: Path) -> Iterator[np.ndarray]:
         del block
 
 
-def training_sample(bank: MemoryBank, size: int, seed: int) -> np.ndarray:
-    """`size` rows drawn uniformly without replacement from the whole memory-mapped bank (float32)."""
-    rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(bank.count, size=min(size, bank.count), replace=False))
-    return bank.gather_features(torch.from_numpy(ids)).numpy()
-
-
 def build_ivfpq(bank: MemoryBank, args: argparse.Namespace) -> tuple[Index, dict[str, float]]:
     """Train `faiss_ivfpq` (no in-RAM refine copy) on a uniform sample of the bank, then add every shard."""
     timings = {}
     index = build_index("faiss_ivfpq", bank.dim, nlist=args.nlist, m=args.m, nbits=args.nbits,
                         nprobe=args.nprobe[0], train_size=args.train_size, reorder=False)
+    if args.reuse_index:
+        return load_ivfpq(index, bank, args), timings
     start = time.perf_counter()
-    sample = training_sample(bank, args.train_size, args.seed)
+    sample = bank.sample_features(args.train_size, args.seed)  # uniform over the whole bank, as from_bank does
     timings["sample_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    index.prepare(len(sample))
-    index.index.train(sample)  # the backend alone would train on the first shards in add order
+    index.fit(sample)
     timings["train_s"] = time.perf_counter() - start
     del sample
     start = time.perf_counter()
@@ -242,6 +238,21 @@ def build_ivfpq(bank: MemoryBank, args: argparse.Namespace) -> tuple[Index, dict
         index.add(block)
     timings["add_s"] = time.perf_counter() - start
     return index, timings
+
+
+def load_ivfpq(index: Index, bank: MemoryBank, args: argparse.Namespace) -> Index:
+    """Put the index file of a previous run into `index`, refusing one of another size or layout."""
+    path = index_path(args.dir)
+    if not path.exists():
+        raise SystemExit(f"--reuse-index: no index file at {path}; run once without it")
+    ivf = index.faiss.read_index(str(path))
+    found = (ivf.ntotal, ivf.d, ivf.nlist, ivf.pq.M, ivf.pq.nbits)
+    wanted = (bank.count, bank.dim, args.nlist, args.m, args.nbits)
+    if found != wanted:
+        raise SystemExit(f"--reuse-index: {path} holds (rows, dim, nlist, m, nbits) = {found}, not {wanted}")
+    index.ivf = index.index = ivf
+    set_nprobe(index, args.nprobe[0])
+    return index
 
 
 def index_file_bytes(index: Index, path: Path) -> int:
@@ -345,7 +356,8 @@ def run(args: argparse.Namespace) -> dict:
     options = {key: value for key, value in index.options().items() if key != "reorder_k"}  # re-ranked here
     results["index"] = {**options, "ntotal": index.ntotal,
                         **{name: round(value, 1) for name, value in timings.items()},
-                        "bytes": index_file_bytes(index, index_path(args.dir))}
+                        "bytes": index_path(args.dir).stat().st_size if args.reuse_index
+                        else index_file_bytes(index, index_path(args.dir))}
     queries, _ = make_queries(bank, args.queries, args.query_noise, args.seed + 1)
     start = time.perf_counter()
     exact = exact_topk(bank, args.dir, queries, args.k, args.scan_rows)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from hummingbird_fungi.config import load_config
 from hummingbird_fungi.datasets import collate
 from hummingbird_fungi.label_transfer import LabelTransfer, predict_masks
-from hummingbird_fungi.memory_bank import subsample_bank
+from hummingbird_fungi.memory_bank import subsample_bank, write_atomic
 from hummingbird_fungi.metrics import ConfusionMatrix, summarize
 from hummingbird_fungi.pipeline import build_memory, make_backbone, make_dataset, resolve_device, versions
 
@@ -102,10 +102,10 @@ def main() -> None:
             rows.append(row)
             print(f"{variant:40s} rows {bank.count:8d} {row['sampling']:12s} mIoU {100 * row['miou']:.2f}  "
                   f"(reference {100 * row['miou_reference']:.2f})", flush=True)
-    report = {"rows": rows, "config": base, "versions": versions()}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+            if args.out:  # after every row, so a long run that is stopped keeps what it measured
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(args.out, json.dumps({"rows": rows, "config": base, "versions": versions()},
+                                                  indent=2, default=str).encode() + b"\n")
 
 
 if __name__ == "__main__":

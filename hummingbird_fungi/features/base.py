@@ -33,8 +33,8 @@ class PatchFeatures(abc.ABC):
         """Whether `set_support` must be called before extraction (FUNGI negatives)."""
         return False
 
-    def set_support(self, features: torch.Tensor) -> None:
-        """Give the extractor a support set of raw patch embeddings (M, E), unit rows."""
+    def set_support(self, features: torch.Tensor, image_ids: torch.Tensor | None = None) -> None:
+        """Give the extractor a support set of raw patch embeddings (M, E), unit rows, from images `image_ids` (M,)."""
         raise NotImplementedError(f"{self.kind} features take no support set")
 
     def options(self) -> dict[str, Any]:
@@ -53,8 +53,13 @@ class PatchFeatures(abc.ABC):
         }
 
     @abc.abstractmethod
-    def __call__(self, images: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 3, H, W) images -> (B, N, D) features, or (B, n, D) for `select` (B, n) patch ids."""
+    def __call__(self, images: torch.Tensor, select: torch.Tensor | None = None,
+                 image_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, N, D) features, or (B, n, D) for `select` (B, n) patch ids.
+
+        `image_ids` (B,) are the images' dataset indices, for features that look at other
+        images of the same dataset (FUNGI support negatives skip the query's own image).
+        """
 
 
 def select_patches(features: torch.Tensor, select: torch.Tensor | None) -> torch.Tensor:

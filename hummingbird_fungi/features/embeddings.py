@@ -18,6 +18,7 @@ class EmbeddingFeatures(PatchFeatures):
         return self.backbone.embed_dim
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, select: torch.Tensor | None = None,
+                 image_ids: torch.Tensor | None = None) -> torch.Tensor:
         tokens = self.backbone(images)  # (B, N, E)
         return F.normalize(select_patches(tokens.float(), select), dim=-1)

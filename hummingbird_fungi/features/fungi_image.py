@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from ..errors import ConfigError
+from .fungi_patch import info_nce
 from .gradients import DEFAULT_LAYER, find_linear, forward_with_capture, random_head
 from .projection import build_projection, derived_seed
 
@@ -125,22 +126,10 @@ def simclr_loss(z: Tensor, negatives: Tensor | None, temperature: float, tau_pla
     """Per image InfoNCE of its V views against each other and shared negatives: (B, V, L), (M, L) -> (B,).
 
     l_i = -mean_{j in views, j != i} s_ij / tau + logsumexp_{j != i} (s_ij / tau, or s_ij when the
-    temperature sits on the positive term only), s = cosine; mean over i.
+    temperature sits on the positive term only), s = cosine; mean over i. The patch FUNGI loss
+    with views in place of tokens.
     """
-    views = z.shape[1]
-    if views < 2:
-        raise ValueError("the SimCLR loss needs at least two views per image")
-    unit = F.normalize(z.float(), dim=-1)
-    cos = unit @ unit.transpose(1, 2)  # (B, V, V)
-    self_mask = torch.eye(views, dtype=torch.bool, device=z.device)
-    attract = cos.masked_fill(self_mask, 0.0).sum(-1) / ((views - 1) * temperature)  # (B, V)
-    logits = cos.masked_fill(self_mask, float("-inf"))
-    if negatives is not None:
-        neg = unit @ F.normalize(negatives.float(), dim=-1).T  # (B, V, M)
-        logits = torch.cat([neg, logits], dim=-1)  # (B, V, M + V)
-    if tau_placement == "both":
-        logits = logits / temperature
-    return (torch.logsumexp(logits, dim=-1) - attract).mean(-1)
+    return info_nce(z, temperature, tau_placement, negatives)
 
 
 # --------------------------------------------------------------------------- objectives

@@ -14,6 +14,8 @@ Deviations from the reference, each with a switch:
   negatives barely move the gradients (per-token cosine 0.9998 without any) while the
   support search is the costliest step after the forward pass; `support` uses real support
   neighbours and `support_scrambled` reproduces the reference's reshape bug (spec 10.1).
+* support negatives skip rows of the query's own image when image ids are known
+  (`exclude_same_image`; the reference keeps them: near-duplicates of the token itself).
 * the projection defaults to `structured` (rank 4), measured to match the dense +-1 P in
   gradient-cosine fidelity (RMS error of pairwise patch cosines on DINOv2-S: 0.054 vs 0.045)
   and mIoU at 1/50-1/200 of its cost; `dense` is the reference's P.
@@ -50,23 +52,24 @@ AUTOCAST = ("auto", "bf16", "off")
 
 def info_nce(z: Tensor, tau: float, tau_placement: str = "positive",
              negatives: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
-    """The reference's per-image patch InfoNCE (spec 8.3 step 5): z (B, T, L), negatives (B, K, L) -> (B,).
+    """The reference's per-image InfoNCE (spec 8.3 step 5; SimCLR's over views): z (B, T, L) -> (B,).
 
-    Positives of token i are all other tokens of its image; the attraction term is divided
-    by tau, the log-sum-exp over negatives and other tokens too only if tau_placement is
-    'both' (the reference divides only the positive term, spec 10.4). `keep` (B, K) bool
-    drops negatives. Cosines come from a matmul of unit rows in fp32.
+    Positives of row i are all other rows of its image (tokens, or views); the attraction term
+    is divided by tau, the log-sum-exp over negatives and other rows too only if tau_placement
+    is 'both' (the patch reference divides only the positive term, spec 10.4). Negatives are
+    per image (B, K, L) or shared (K, L); `keep` (B, K) bool drops some. Cosines come from a
+    matmul of unit rows in fp32.
     """
     tokens = z.shape[1]
     if tokens < 2:
-        raise ValueError("the patch InfoNCE needs at least two tokens per image")
+        raise ValueError(f"InfoNCE needs at least two tokens or views per image, got {tokens}")
     unit = F.normalize(z.float(), dim=-1)
     cos = unit @ unit.transpose(1, 2)  # (B, T, T)
     self_mask = torch.eye(tokens, dtype=torch.bool, device=z.device)
     attract = cos.masked_fill(self_mask, 0.0).sum(-1) / ((tokens - 1) * tau)  # (B, T)
     logits = cos.masked_fill(self_mask, float("-inf"))
     if negatives is not None:
-        neg = unit @ F.normalize(negatives.float(), dim=-1).transpose(1, 2)  # (B, T, K)
+        neg = unit @ F.normalize(negatives.float(), dim=-1).transpose(-2, -1)  # (B, T, K)
         if keep is not None:
             neg = neg.masked_fill(~keep[:, None, :], float("-inf"))
         logits = torch.cat([neg, logits], dim=-1)  # (B, T, K + T): negatives, then positives
@@ -88,6 +91,13 @@ def gather_negatives(support: Tensor, ids: Tensor, n_neg: int, scrambled: bool =
     else:
         rows = rows.reshape(batch, tokens, k, -1)  # (B, T, K, E)
     return rows[:, :, :n_neg]
+
+
+def other_image_neighbours(ids: Tensor, row_images: Tensor, query_images: Tensor, k: int) -> Tensor:
+    """The first k neighbour ids (B, T, K') whose support row is not from the query's image -> (B, T, k)."""
+    own = row_images[ids] == query_images.view(-1, 1, 1)  # (B, T, K')
+    order = own.to(torch.int8).argsort(dim=-1, stable=True)  # other images first, in rank order
+    return ids.gather(-1, order[..., :k])
 
 
 def keep_mask(count: int, keep_prob: float, seed: int, device: torch.device) -> Tensor:
@@ -114,7 +124,7 @@ class FungiPatchFeatures(PatchFeatures):
                  projection: str = "structured", rank: int = 4, projection_distribution: str = "sign",
                  projection_seed: int = 0, out_dim: int | None = None, tau: float = 0.07,
                  tau_placement: str = "positive", negatives: str = "none", neg_k: int = 5,
-                 n_neg: int = 2, keep_prob: float = 0.5, neg_seed: int = 0,
+                 n_neg: int = 2, keep_prob: float = 0.5, neg_seed: int = 0, exclude_same_image: bool = True,
                  layer: str = DEFAULT_LAYER, grad_weight: float = 1.0, autocast: str = "auto",
                  token_chunk: int = 1024) -> None:
         super().__init__(backbone)
@@ -129,7 +139,7 @@ class FungiPatchFeatures(PatchFeatures):
         self.head_dim, self.head_seed = head_dim, head_seed
         self.tau, self.tau_placement = tau, tau_placement
         self.negatives, self.neg_k, self.n_neg = negatives, neg_k, n_neg
-        self.keep_prob, self.neg_seed = keep_prob, neg_seed
+        self.keep_prob, self.neg_seed, self.exclude_same_image = keep_prob, neg_seed, exclude_same_image
         self.layer_path, self.grad_weight = layer, grad_weight
         self.autocast, self.token_chunk = autocast, token_chunk
         self.layer = find_linear(backbone.model, layer)
@@ -143,6 +153,7 @@ class FungiPatchFeatures(PatchFeatures):
         self.rank, self.projection_distribution = rank, projection_distribution
         self._support: Tensor | None = None  # (M, E) unit rows, on the device of the last call
         self._index: Any = None
+        self._support_images: Tensor | None = None  # (M,) dataset index of each support row
         self.step_times: dict[str, float] | None = None  # set to {} to accumulate seconds per step
 
     @property
@@ -153,14 +164,20 @@ class FungiPatchFeatures(PatchFeatures):
     def needs_support(self) -> bool:
         return self.negatives != "none"
 
-    def set_support(self, features: Tensor) -> None:
-        """Index the support set (M, E) of raw unit-norm patch embeddings that supplies negatives."""
+    def set_support(self, features: Tensor, image_ids: Tensor | None = None) -> None:
+        """Index the support set (M, E) of raw unit-norm patch embeddings that supplies negatives.
+
+        `image_ids` (M,) name each row's image, so that a query image's own rows can be skipped.
+        """
         from ..retrieval import build_index
 
         features = torch.as_tensor(features)
         if features.ndim != 2 or features.shape[1] != self.backbone.embed_dim:
             raise ValueError(f"support features must be (M, {self.backbone.embed_dim}), got {tuple(features.shape)}")
+        if image_ids is not None and tuple(image_ids.shape) != tuple(features.shape[:1]):
+            raise ValueError(f"support image ids must be ({features.shape[0]},), got {tuple(image_ids.shape)}")
         self._support = features.float()
+        self._support_images = None if image_ids is None else torch.as_tensor(image_ids, dtype=torch.int64)
         self._index = build_index("torch", self._support.shape[1])
         self._index.add(self._support)
         log.info("fungi support set: %d rows", self._support.shape[0])
@@ -173,43 +190,51 @@ class FungiPatchFeatures(PatchFeatures):
             "projection_seed": self.projection.seed, "out_dim": self.projection.out_dim,
             "tau": self.tau, "tau_placement": self.tau_placement, "negatives": self.negatives,
             "neg_k": self.neg_k, "n_neg": self.n_neg, "keep_prob": self.keep_prob,
-            "neg_seed": self.neg_seed, "layer": self.layer_path, "grad_weight": self.grad_weight,
+            "neg_seed": self.neg_seed, "exclude_same_image": self.exclude_same_image,
+            "layer": self.layer_path, "grad_weight": self.grad_weight,
             "autocast": self.autocast, "token_chunk": self.token_chunk,
         }
 
-    def __call__(self, images: Tensor, select: Tensor | None = None) -> Tensor:
+    def __call__(self, images: Tensor, select: Tensor | None = None, image_ids: Tensor | None = None) -> Tensor:
         with torch.inference_mode(False), torch.enable_grad():
             images = images.clone() if images.is_inference() else images
-            g, a, tokens = self._gradients(images)  # (B, T, E_out), (B, T, E_in), (B, T, E)
+            g, a, tokens = self._gradients(images, image_ids)  # (B, T, E_out), (B, T, E_in), (B, T, E)
             prefix = self.backbone.num_prefix_tokens
             g, a, tokens = (select_patches(t[:, prefix:], select) for t in (g, a, tokens))  # (B, n, .)
             with self._timed("projection"):
                 phi = self._project(g.flatten(0, 1), a.flatten(0, 1))  # (B n, P)
             return combine(tokens, phi.view(*g.shape[:2], self.projection.out_dim), self.grad_weight)  # (B, n, E + P)
 
-    def _gradients(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _gradients(self, images: Tensor, image_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Layer output-gradients g, layer inputs a and final tokens for all tokens of each image."""
         with self._timed("forward"), self._autocast_context(images.device):
             capture = forward_with_capture(self.backbone.forward_tokens, self.layer, images)
         tokens = capture.tokens.float()  # (B, T, E)
         with self._timed("negatives"):
-            negatives, keep = self._negatives(tokens.detach())
+            negatives, keep = self._negatives(tokens.detach(), image_ids)
         with self._timed("loss_backward"):
             loss = info_nce(self._head(tokens), self.tau, self.tau_placement, negatives, keep).sum()
             (g,) = torch.autograd.grad(loss, capture.output)
         return g.detach(), capture.input, tokens.detach()
 
-    def _negatives(self, tokens: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def _negatives(self, tokens: Tensor, image_ids: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """Projected support negatives (B, T n_neg, L) and their keep-mask (B, T n_neg), or (None, None)."""
         if self.negatives == "none":
             return None, None
         if self._index is None or self._support is None:
             raise RuntimeError("fungi negatives need a support set: call set_support(features) first")
         batch, count, dim = tokens.shape
-        _, ids = self._index.search(F.normalize(tokens.reshape(-1, dim), dim=-1), self.neg_k)  # (B T, K) on CPU
+        exclude = self.exclude_same_image and image_ids is not None and self._support_images is not None
+        # enough candidates that neg_k remain after dropping every row of the query's image
+        wanted = self.neg_k + (int(self._support_images.bincount().max()) if exclude else 0)
+        wanted = min(wanted, self._index.ntotal)
+        _, ids = self._index.search(F.normalize(tokens.reshape(-1, dim), dim=-1), wanted)  # (B T, K') on CPU
+        ids = ids.view(batch, count, wanted)  # (B, T, K')
+        if exclude:
+            ids = other_image_neighbours(ids, self._support_images, torch.as_tensor(image_ids).cpu(), self.neg_k)
         if self._support.device != tokens.device:
             self._support = self._support.to(tokens.device)
-        ids = ids.to(tokens.device).view(batch, count, self.neg_k)  # (B, T, K)
+        ids = ids.to(tokens.device)  # (B, T, K)
         rows = gather_negatives(self._support, ids, self.n_neg, self.negatives == "support_scrambled")
         rows = rows.reshape(batch, count * self.n_neg, dim)  # (B, T n_neg, E), token-major as the reference
         negatives = self._head(rows)  # (B, T n_neg, L)
