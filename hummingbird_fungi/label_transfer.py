@@ -13,6 +13,8 @@ from .retrieval import FaissTrainedIndex, Index, build_index
 
 log = logging.getLogger(__name__)
 
+GATHER_ELEMENTS = 1 << 25  # 128 MB of float32 candidate features per re-scoring step
+
 
 def cosine_similarities(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Cosine of each query with its neighbours: (n, D), (n, k, D) -> (n, k); zero rows give 0."""
@@ -60,6 +62,13 @@ class LabelTransfer:
     def neighbours(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, D) queries -> similarities (n, k) (-inf where the index found none) and row ids (n, k)."""
         scores, ids = self.index.search(flat, self.rerank)  # (n, k') with k' >= k
+        # gathered candidate features (rows, k', D) stay under GATHER_ELEMENTS floats at a time
+        step = max(1, GATHER_ELEMENTS // (self.rerank * flat.shape[1]))
+        parts = [self._best(flat[i:i + step], scores[i:i + step], ids[i:i + step]) for i in range(0, len(flat), step)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _best(self, flat: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rescore candidates (n, k') of queries (n, D) from the bank and keep the k best."""
         missing = ids < 0
         ids = ids.clamp_min(0)
         if self.rescore:

@@ -93,3 +93,15 @@ def test_trained_index_fits_a_sample_of_the_whole_bank():
     centroids = torch.from_numpy(transfer.index.ivf.quantizer.reconstruct_n(0, 8))  # (nlist, D)
     assert F.normalize(centroids, dim=-1)[:, 1].max() > 0.8  # some list sits in the last rows' region
     assert transfer.index.ntotal == 1200
+
+
+def test_rescoring_in_chunks_equals_one_pass(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    feats = F.normalize(torch.randn(500, 8, generator=gen), dim=-1).numpy()
+    labels = torch.softmax(torch.randn(500, 4, generator=gen), -1).numpy()
+    bank = MemoryBank.from_arrays(feats, labels, {})
+    queries = torch.randn(2, 37, 8, generator=gen)
+    transfer = LabelTransfer.from_bank(bank, "faiss_ivfpq", k=5, rerank=50, nlist=4, m=4, nprobe=2, reorder=False)
+    whole = transfer(queries)
+    monkeypatch.setattr("hummingbird_fungi.label_transfer.GATHER_ELEMENTS", 50 * 8 * 3)  # 3 queries per step
+    torch.testing.assert_close(transfer(queries), whole, rtol=0, atol=0)
