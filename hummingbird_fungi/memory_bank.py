@@ -189,20 +189,28 @@ class MemoryBank:
             raise DataError(f"memory bank {path} holds no rows")
         return cls(feats, labels, manifest)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the bank in the on-disk format (to `<path>.partial`, renamed when complete)."""
+    def save(self, path: str | Path, extra: dict[str, np.ndarray] | None = None) -> Path:
+        """Write the bank in the on-disk format (to `<path>.partial`, renamed when complete).
+
+        `extra` arrays (e.g. a FUNGI support set) are written beside it as `<name>.npy`.
+        """
         path = Path(path)
         if path.exists():
             raise DataError(f"memory bank {path} already exists; remove it or choose another path")
         partial = path.with_name(path.name + ".partial")
         (partial / "shards").mkdir(parents=True, exist_ok=True)
+        built = self.manifest.get("shards", [])
         shards = []
         for number, (feats, labels) in enumerate(zip(self.feature_blocks, self.label_blocks)):
             feat_file, label_file = _shard_files(partial / "shards", number)
             save_npy_atomic(label_file, np.asarray(labels))
             save_npy_atomic(feat_file, np.asarray(feats))
-            shards.append({"name": f"{number:05d}", "rows": len(feats)})
-        manifest = {**self.manifest, "format_version": FORMAT_VERSION, "shards": shards, "count": self.count}
+            origin = built[number] if len(built) == len(self.feature_blocks) else {}  # epoch and image range
+            shards.append({**origin, "name": f"{number:05d}", "rows": len(feats)})
+        for name, array in (extra or {}).items():
+            save_npy_atomic(partial / f"{name}.npy", np.asarray(array))
+        manifest = {**self.manifest, "format_version": FORMAT_VERSION, "shards": shards, "count": self.count,
+                    "extra": sorted(extra or {})}
         write_atomic(partial / "manifest.json", manifest_json(manifest))
         os.replace(partial, path)
         log.info("memory bank saved to %s (%d rows)", path, self.count)

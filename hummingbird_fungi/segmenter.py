@@ -136,6 +136,17 @@ def load_named_backbone(backbone: str | Backbone, weights: str | Path | None, pr
 # --------------------------------------------------------------------------- segmenter
 
 
+def load_support(extractor: PatchFeatures, path: Path) -> None:
+    """Give `extractor` the support set saved with the bank at `path`, or say that the bank lacks one."""
+    file = path / "support_features.npy"
+    if not file.is_file():
+        raise ConfigError(f"memory bank {path} uses features with support negatives but holds no support set "
+                          f"({file.name} is missing); rebuild it with from_examples and save it")
+    images = path / "support_images.npy"
+    extractor.set_support(torch.from_numpy(np.load(file)),
+                          image_ids=torch.from_numpy(np.load(images)) if images.is_file() else None)
+
+
 class InContextSegmenter:
     """A frozen ViT plus a memory bank of labelled patch features: k-NN label transfer segments new images."""
 
@@ -246,8 +257,7 @@ class InContextSegmenter:
                                       record.get("backbone_kwargs"), device_, record.get("seed", 0))
         extractor = build_patch_features(recorded["kind"], net, recorded["options"])
         if extractor.needs_support:
-            raise ConfigError(f"memory bank {path} uses {recorded['kind']} features with support negatives, which "
-                              f"need the example images; rebuild it with from_examples")
+            load_support(extractor, Path(path))
         with timed(timings, "load_memory_s"):
             bank = MemoryBank.load(path, expect_features=extractor.manifest())
         log.info("loaded memory bank %s: %d rows, %d classes", path, bank.count, bank.num_classes)
@@ -256,10 +266,8 @@ class InContextSegmenter:
                    temperature=temperature, backend=backend, device=device_, timings=timings, **options)
 
     def save(self, path: str | Path) -> Path:
-        """Save the memory bank (with what built it) for `from_memory`."""
-        if self.extractor.needs_support:
-            log.warning("the bank's features need a support set, which is not saved; from_memory will refuse it")
-        return self.bank.save(path)
+        """Save the memory bank (with what built it, and a FUNGI support set) for `from_memory`."""
+        return self.bank.save(path, extra=self.extractor.support_arrays())
 
     # ----------------------------------------------------------------- facts
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from hummingbird_fungi.backbones import load_backbone
@@ -165,6 +166,23 @@ def test_fungi_features_segment_and_reload(examples, tmp_path):
     assert (seg.predict(image) == mask).mean() > 0.8
     loaded = InContextSegmenter.from_memory(seg.save(tmp_path / "bank"), device="cpu", k=5)
     assert np.array_equal(loaded.predict(image), seg.predict(image))
+
+
+def test_fungi_support_set_is_saved_with_the_bank(examples, tmp_path):
+    images = sorted((examples / "images").iterdir())
+    masks = [examples / "masks" / p.name for p in images]
+    seg = InContextSegmenter.from_examples(images, masks, backbone="vit_tiny_patch16_224", pretrained=False,
+                                           backbone_kwargs=TINY, input_size=(48, 64), device="cpu", k=5,
+                                           features="fungi", feature_options={"head_dim": 16, "negatives": "support"})
+    path = seg.save(tmp_path / "bank")
+    assert (path / "support_features.npy").is_file() and (path / "support_images.npy").is_file()
+    loaded = InContextSegmenter.from_memory(path, device="cpu", k=5)
+    image, _ = toy_scene(37, 53, 0.5)
+    assert np.array_equal(loaded.predict_proba(image), seg.predict_proba(image))
+    assert torch.equal(loaded.bank.row_images(), seg.bank.row_images())  # the shards keep their image ranges
+    (path / "support_features.npy").unlink()
+    with pytest.raises(ConfigError, match="support_features.npy"):
+        InContextSegmenter.from_memory(path, device="cpu", k=5)
 
 
 def test_label_space_and_input_size():

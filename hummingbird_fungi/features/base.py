@@ -37,6 +37,10 @@ class PatchFeatures(abc.ABC):
         """Give the extractor a support set of raw patch embeddings (M, E), unit rows, from images `image_ids` (M,)."""
         raise NotImplementedError(f"{self.kind} features take no support set")
 
+    def support_arrays(self) -> dict[str, Any]:
+        """The support set as arrays to save with a bank (name -> array); empty when there is none."""
+        return {}
+
     def options(self) -> dict[str, Any]:
         """Options that change the features; recorded in bank manifests."""
         return {}

@@ -182,6 +182,14 @@ class FungiPatchFeatures(PatchFeatures):
         self._index.add(self._support)
         log.info("fungi support set: %d rows", self._support.shape[0])
 
+    def support_arrays(self) -> dict[str, Any]:
+        if self._support is None:
+            return {}
+        arrays = {"support_features": self._support.cpu().numpy()}
+        if self._support_images is not None:
+            arrays["support_images"] = self._support_images.numpy()
+        return arrays
+
     def options(self) -> dict[str, Any]:
         return {
             "head_dim": self.head_dim, "head_seed": self.head_seed,
