@@ -29,7 +29,7 @@ from .label_transfer import LabelTransfer, patch_probs_to_map, upsample_argmax, 
 from .memory_bank import MemoryBank, build_memory_bank, read_manifest
 from .metrics import ConfusionMatrix, summarize
 from .pipeline import bank_spec, make_extractor, resolve_device, seed_everything, timed
-from .transforms import EvalTransform, TrainTransform, read_image, read_mask
+from .transforms import EvalTransform, TrainTransform, read_image, read_mask, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def as_rgb(image: ImageInput) -> Image.Image:
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a path, PIL image or array, got {type(image).__name__}")
-    return ImageOps.exif_transpose(image).convert("RGB")
+    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def as_mask(mask: MaskInput) -> np.ndarray:

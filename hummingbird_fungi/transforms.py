@@ -59,7 +59,11 @@ def _sixteen_to_eight_bit(image: Image.Image) -> Image.Image:
 
 def read_image(path: str | Path) -> Image.Image:
     """An RGB PIL image with EXIF orientation applied; 16-bit, alpha, palette and CMYK inputs converted."""
-    image = _open_loaded(path)
+    return to_rgb(_open_loaded(path), f"image {path}")
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """A decoded PIL image of any mode (16-bit, alpha, palette, CMYK) as RGB; `name` is for error messages."""
     if image.mode in _SIXTEEN_BIT_MODES:
         image = _sixteen_to_eight_bit(image)
     elif image.mode in {"LA", "La", "PA", "RGBa"}:
@@ -67,7 +71,7 @@ def read_image(path: str | Path) -> Image.Image:
     try:
         return image.convert("RGB")
     except ValueError as err:
-        raise DataError(f"cannot convert image {path} (mode {image.mode}) to RGB: {err}") from err
+        raise DataError(f"cannot convert {name} (mode {image.mode}) to RGB: {err}") from err
 
 
 def _read_mat_mask(path: Path) -> np.ndarray:

@@ -11,7 +11,7 @@ from PIL import Image
 from hummingbird_fungi.backbones import load_backbone
 from hummingbird_fungi.cli import main
 from hummingbird_fungi.errors import BankMismatchError, ConfigError
-from hummingbird_fungi.segmenter import InContextSegmenter, default_input_size, label_space
+from hummingbird_fungi.segmenter import InContextSegmenter, as_rgb, default_input_size, label_space
 
 TINY = {"depth": 2, "patch_size": 8}
 INPUT = (64, 96)  # (H, W) network input
@@ -92,6 +92,10 @@ def test_image_modes_are_handled(segmenter, tmp_path):
     for name, picture in files.items():
         picture.save(tmp_path / name)
         assert segmenter.predict(tmp_path / name).shape == (30, 45), name
+    # an in-memory 16-bit image is scaled to 8 bits as its file is, not clipped
+    in_memory = np.asarray(as_rgb(Image.open(tmp_path / "grey16.png")))
+    assert np.array_equal(in_memory, np.asarray(as_rgb(tmp_path / "grey16.png")))
+    assert np.array_equal(in_memory[..., 0], np.asarray(rgb.convert("L")))
 
 
 def test_batch_equals_single(segmenter):
