@@ -62,8 +62,12 @@ class LabelTransfer:
     def neighbours(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, D) queries -> similarities (n, k) (-inf where the index found none) and row ids (n, k)."""
         scores, ids = self.index.search(flat, self.rerank)  # (n, k') with k' >= k
+        return self.refine(flat, scores, ids)
+
+    def refine(self, flat: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index answers (n, k') for queries (n, D) -> the k best (n, k), rescored from the bank when asked."""
         # gathered candidate features (rows, k', D) stay under GATHER_ELEMENTS floats at a time
-        step = max(1, GATHER_ELEMENTS // (self.rerank * flat.shape[1]))
+        step = max(1, GATHER_ELEMENTS // (ids.shape[1] * flat.shape[1]))
         parts = [self._best(flat[i:i + step], scores[i:i + step], ids[i:i + step]) for i in range(0, len(flat), step)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 

@@ -209,8 +209,7 @@ class MemoryBank:
             shards.append({**origin, "name": f"{number:05d}", "rows": len(feats)})
         for name, array in (extra or {}).items():
             save_npy_atomic(partial / f"{name}.npy", np.asarray(array))
-        manifest = {**self.manifest, "format_version": FORMAT_VERSION, "shards": shards, "count": self.count,
-                    "extra": sorted(extra or {})}
+        manifest = {**self.manifest, "format_version": FORMAT_VERSION, "shards": shards, "count": self.count}
         write_atomic(partial / "manifest.json", manifest_json(manifest))
         os.replace(partial, path)
         log.info("memory bank saved to %s (%d rows)", path, self.count)

@@ -16,13 +16,13 @@ from tqdm import tqdm
 from . import __version__
 from .backbones import Backbone, load_backbone
 from .config import input_size
-from .datasets import SegmentationDataset, build_dataset, collate
+from .datasets import DatasetInfo, SegmentationDataset, build_dataset, collate
 from .distributed import rank_and_world
 from .errors import ConfigError
 from .features import PatchFeatures, build_patch_features
 from .features.embeddings import EmbeddingFeatures
 from .label_transfer import LabelTransfer, predict_masks
-from .memory_bank import BankSpec, MemoryBank, build_memory_bank, read_manifest
+from .memory_bank import BankSpec, MemoryBank, build_memory_bank
 from .metrics import ConfusionMatrix, summarize
 from .transforms import EvalTransform, TrainTransform
 
@@ -137,6 +137,19 @@ def build_memory(config: dict, backbone: Backbone | None = None, timings: dict |
     return bank, extractor
 
 
+def make_transfer(config: dict, bank: MemoryBank) -> LabelTransfer:
+    """The label transfer of the `retrieval` and `transfer` sections over `bank`."""
+    retrieval, transfer = config["retrieval"], config["transfer"]
+    return LabelTransfer.from_bank(bank, retrieval["backend"], k=retrieval["k"], temperature=transfer["temperature"],
+                                   rescore=transfer["rescore"], rerank=transfer["rerank"], **retrieval["options"])
+
+
+def metric_summary(cm: ConfusionMatrix, info: DatasetInfo) -> dict:
+    """mIoU (both modes) and per-class IoU of `cm`, leaving out an ignore index that is a class id."""
+    exclude = info.ignore_index if info.ignore_index is not None and info.ignore_index < info.num_classes else None
+    return summarize(cm, info.class_names, exclude=exclude)
+
+
 def evaluate_bank(config: dict, bank: MemoryBank, extractor: PatchFeatures, timings: dict) -> dict:
     """Segment the eval split with `bank` and return the metric summary."""
     device = resolve_device(config["device"])
@@ -148,11 +161,8 @@ def evaluate_bank(config: dict, bank: MemoryBank, extractor: PatchFeatures, timi
     if info.num_classes != bank.num_classes:
         raise ConfigError(f"eval dataset {info.name} has {info.num_classes} classes but the memory bank "
                           f"has {bank.num_classes}")
-    retrieval, transfer_cfg = config["retrieval"], config["transfer"]
     with timed(timings, "build_index_s"):
-        transfer = LabelTransfer.from_bank(bank, retrieval["backend"], k=retrieval["k"],
-                                           temperature=transfer_cfg["temperature"], rescore=transfer_cfg["rescore"],
-                                           rerank=transfer_cfg["rerank"], **retrieval["options"])
+        transfer = make_transfer(config, bank)
     rank, world = rank_and_world()
     part = torch.utils.data.Subset(eval_set, range(rank, len(eval_set), world))
     loader = torch.utils.data.DataLoader(part, batch_size=config["data"]["batch_size"],
@@ -168,12 +178,11 @@ def evaluate_bank(config: dict, bank: MemoryBank, extractor: PatchFeatures, timi
             grid = extractor.backbone.grid_size(*images.shape[-2:])
             targets = batch["original_mask"] if original else list(batch["mask"])
             preds = predict_masks(transfer, extractor(images), grid, [tuple(t.shape) for t in targets],
-                                  transfer_cfg["class_chunk"])
+                                  config["transfer"]["class_chunk"])
             for pred, target in zip(preds, targets):
                 cm.update(pred, target)
     cm.all_reduce()
-    exclude = info.ignore_index if info.ignore_index is not None and info.ignore_index < info.num_classes else None
-    summary = summarize(cm, info.class_names, exclude=exclude)
+    summary = metric_summary(cm, info)
     summary["num_eval_images"] = len(eval_set)
     summary["eval_images_per_s"] = len(eval_set) / max(timings["evaluate_s"], 1e-9)
     return summary
@@ -204,12 +213,11 @@ def load_or_build(config: dict, timings: dict) -> tuple[MemoryBank, PatchFeature
         device = resolve_device(config["device"])
         with timed(timings, "load_backbone_s"):
             backbone = make_backbone(config, device)
-        manifest = read_manifest(Path(path))
         train_set = make_dataset(config, "train", train=True)
         extractor = make_extractor(config, backbone, train_set, device, timings)
         with timed(timings, "load_memory_s"):
             bank = MemoryBank.load(path, expect_features=extractor.manifest())
-        log.info("loaded memory bank %s (%d rows, built from %s)", path, bank.count, manifest.get("dataset"))
+        log.info("loaded memory bank %s (%d rows, built from %s)", path, bank.count, bank.manifest.get("dataset"))
         return bank, extractor
     return build_memory(config, timings=timings, path=path)
 

@@ -287,7 +287,10 @@ class FaissTrainedIndex(FaissIndex):
         """Train on `sample` (t, D), e.g. rows drawn uniformly from the whole bank, before any add."""
         if self.index.is_trained or self.pending:
             raise RuntimeError(f"{self.name} index: fit() must come before the first add()")
-        train = as_float32_numpy(sample)
+        self._train(as_float32_numpy(sample))
+
+    def _train(self, train: np.ndarray) -> None:
+        """Adjust settings to the sample size and train on it (t, D) float32."""
         self.prepare(train.shape[0])
         log.info("training %s index on %d rows", self.name, train.shape[0])
         self.index.train(train)
@@ -301,10 +304,7 @@ class FaissTrainedIndex(FaissIndex):
             rows += take
             if rows == self.train_size:
                 break
-        train = np.concatenate(sample)  # (t, D)
-        self.prepare(train.shape[0])
-        log.info("training %s index on %d rows", self.name, train.shape[0])
-        self.index.train(train)
+        self._train(np.concatenate(sample))  # (t, D)
         pending, self.pending = self.pending, []
         for block in pending:
             super()._add(block)

@@ -288,16 +288,10 @@ def exact_topk(bank: MemoryBank, path: Path, queries: torch.Tensor, k: int, scan
     return best_ids
 
 
-def rerank(bank: MemoryBank, queries: torch.Tensor, candidates: torch.Tensor, k: int,
-           chunk: int = 512) -> torch.Tensor:
-    """Re-order approximate candidates (Q, R) by exact scores gathered from the memory map -> (Q, k) ids."""
-    out = []
-    for start in range(0, len(queries), chunk):
-        ids = candidates[start:start + chunk]
-        feats = bank.gather_features(ids.clamp_min(0))  # (q, R, D)
-        scores = torch.einsum("qd,qrd->qr", queries[start:start + chunk], feats).masked_fill(ids < 0, -float("inf"))
-        out.append(ids.gather(1, scores.topk(k, dim=1).indices))
-    return torch.cat(out)
+def rerank(bank: MemoryBank, index: Index, queries: torch.Tensor, scores: torch.Tensor, candidates: torch.Tensor,
+           k: int) -> torch.Tensor:
+    """Re-order approximate candidates (Q, R) by exact cosines from the memory map, as the label transfer does."""
+    return LabelTransfer(bank, index, k=k, rerank=candidates.shape[1]).refine(queries, scores, candidates)[1]
 
 
 def set_nprobe(index: Index, nprobe: int) -> None:
@@ -312,11 +306,12 @@ def search_sweep(index: Index, bank: MemoryBank, queries: torch.Tensor, exact: t
     for nprobe in args.nprobe:
         set_nprobe(index, nprobe)
         start = time.perf_counter()
-        candidates = index.search(queries, max(args.k, *args.reorder_k))[1]  # (Q, R) best first
+        scores, candidates = index.search(queries, max(args.k, *args.reorder_k))  # (Q, R) best first
         search_s = time.perf_counter() - start
         for reorder_k in args.reorder_k:
             start = time.perf_counter()
-            ids = rerank(bank, queries, candidates[:, :reorder_k], args.k) if reorder_k else candidates[:, :args.k]
+            ids = (rerank(bank, index, queries, scores[:, :reorder_k], candidates[:, :reorder_k], args.k)
+                   if reorder_k else candidates[:, :args.k])
             seconds = search_s + time.perf_counter() - start
             rows.append({"nprobe": nprobe, "reorder_k": reorder_k, "seconds": round(seconds, 1),
                          "queries_per_s": round(len(queries) / seconds, 1),

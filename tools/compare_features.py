@@ -23,10 +23,11 @@ from tqdm import tqdm
 
 from hummingbird_fungi.config import load_config
 from hummingbird_fungi.datasets import collate
-from hummingbird_fungi.label_transfer import LabelTransfer, predict_masks
+from hummingbird_fungi.label_transfer import predict_masks
 from hummingbird_fungi.memory_bank import subsample_bank, write_atomic
-from hummingbird_fungi.metrics import ConfusionMatrix, summarize
-from hummingbird_fungi.pipeline import build_memory, make_backbone, make_dataset, resolve_device, versions
+from hummingbird_fungi.metrics import ConfusionMatrix
+from hummingbird_fungi.pipeline import (build_memory, make_backbone, make_dataset, make_transfer, metric_summary,
+                                        resolve_device, versions)
 
 
 def variant_overrides(text: str) -> list[str]:
@@ -53,15 +54,14 @@ def eval_features(config: dict, extractor) -> tuple[list[torch.Tensor], list[tor
 
 def score(config: dict, bank, feats, masks, info, grid) -> dict:
     """mIoU of the eval features against `bank`."""
-    transfer = LabelTransfer.from_bank(bank, config["retrieval"]["backend"], k=config["retrieval"]["k"],
-                                       temperature=config["transfer"]["temperature"])
+    transfer = make_transfer(config, bank)
     cm = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
     for batch_feats, batch_masks in zip(feats, masks):
-        preds = predict_masks(transfer, batch_feats, grid, [tuple(m.shape) for m in batch_masks])
+        preds = predict_masks(transfer, batch_feats, grid, [tuple(m.shape) for m in batch_masks],
+                              config["transfer"]["class_chunk"])
         for pred, target in zip(preds, batch_masks):
             cm.update(pred, target)
-    exclude = info.ignore_index if info.ignore_index is not None and info.ignore_index < info.num_classes else None
-    return summarize(cm, info.class_names, exclude=exclude)
+    return metric_summary(cm, info)
 
 
 def main() -> None:
