@@ -36,6 +36,7 @@ from .features.fungi_image import (
     build_objective,
     combination_name,
 )
+from .pipeline import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +203,12 @@ def evaluate_combination(names: tuple[str, ...], train_blocks: dict[str, np.ndar
     for shots, rule, seeds in train_settings(knn):
         runs = []
         for seed in seeds:
-            ids = np.arange(len(train_labels)) if shots == "full" else few_shot_indices(train_labels, shots, rule, seed)
-            subset = train[torch.from_numpy(ids).to(device)]
-            runs.append(evaluate(subset, train_labels[ids], test, test_labels, num_classes, knn))
+            if shots == "full":  # the whole train matrix as it is, no indexed copy
+                subset, labels = train, train_labels
+            else:
+                ids = few_shot_indices(train_labels, shots, rule, seed)
+                subset, labels = train[torch.from_numpy(ids).to(device)], train_labels[ids]
+            runs.append(evaluate(subset, labels, test, test_labels, num_classes, knn))
         for vote in knn["vote"]:
             rows.append({"features": combination_name(names), "vote": vote, "k": knn["k"], "shots": shots,
                          "few_shot_rule": rule, **_mean_runs([run[vote] for run in runs], seeds, rule)})
@@ -324,13 +328,6 @@ def check_knn_config(knn: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(out["k"], int) or out["k"] < 1 or out["temperature"] <= 0:
         raise ConfigError("knn.k must be a positive int and knn.temperature > 0")
     return out
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def load_split(config: dict, which: str) -> ClassificationData:
