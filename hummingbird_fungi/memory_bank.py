@@ -361,6 +361,7 @@ def build_memory_bank(dataset, extractor: PatchFeatures, spec: BankSpec, path: s
         "grid": list(grid),
         "num_classes": dataset.info.num_classes,
         "class_names": list(dataset.info.class_names),
+        "ignore_index": dataset.info.ignore_index,
         "dataset": dataset.info.name,
         "num_images": len(dataset),
         "patches_per_image": n_img,
@@ -465,10 +466,12 @@ def subsample_bank(bank: MemoryBank, n_img: int, rule: str = "label_aware") -> M
         keep.append(sample_patches(torch.from_numpy(labels[item].astype(np.float32)), n_img, rule, generator).numpy())
     rows = np.stack(keep)[..., None]  # (items, n_img, 1)
     new_spec = {**spec, "memory_size": n_img * len(features) // spec["epochs"], "sampling": rule}
-    return MemoryBank.from_arrays(
-        np.take_along_axis(features, rows, 1).reshape(-1, bank.dim),
-        np.take_along_axis(labels, rows, 1).reshape(-1, bank.num_classes),
-        {**manifest, "patches_per_image": n_img, "spec": new_spec, "count": n_img * len(features)})
+    shards = [{**shard, "rows": (shard["images"][1] - shard["images"][0]) * n_img} for shard in manifest["shards"]]
+    splits = np.cumsum([shard["rows"] for shard in shards])[:-1]  # one block per shard, as built
+    return MemoryBank(
+        np.split(np.take_along_axis(features, rows, 1).reshape(-1, bank.dim), splits),
+        np.split(np.take_along_axis(labels, rows, 1).reshape(-1, bank.num_classes), splits),
+        {**manifest, "patches_per_image": n_img, "spec": new_spec, "shards": shards, "count": n_img * len(features)})
 
 
 __all__ = [

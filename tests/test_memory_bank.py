@@ -164,8 +164,11 @@ def test_subsampling_an_unbounded_bank_equals_a_bounded_build():
     assert full.count == 10 * 2 * 6  # 8x12 images, patch 4 -> 6 patches
     direct = build_memory_bank(ToyDataset(), extractor, spec(memory_size=40))
     derived = subsample_bank(full, 2)
-    assert np.array_equal(np.concatenate(direct.feature_blocks), derived.feature_blocks[0])
-    assert np.array_equal(np.concatenate(direct.label_blocks), derived.label_blocks[0])
+    assert np.array_equal(np.concatenate(direct.feature_blocks), np.concatenate(derived.feature_blocks))
+    assert np.array_equal(np.concatenate(direct.label_blocks), np.concatenate(derived.label_blocks))
+    assert [len(b) for b in derived.feature_blocks] == [len(b) for b in direct.feature_blocks]
+    assert derived.manifest["shards"] == direct.manifest["shards"]
+    assert torch.equal(derived.row_images(), direct.row_images())
 
 
 def test_row_images_name_the_image_of_every_row(tmp_path):
