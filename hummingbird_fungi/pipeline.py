@@ -7,7 +7,7 @@ import platform
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from tqdm import tqdm
 from . import __version__
 from .backbones import Backbone, load_backbone
 from .config import input_size
-from .datasets import DatasetInfo, SegmentationDataset, build_dataset, collate
+from .datasets import SegmentationDataset, build_dataset, collate
 from .distributed import rank_and_world
 from .errors import ConfigError
 from .features import PatchFeatures, build_patch_features
@@ -144,10 +144,10 @@ def make_transfer(config: dict, bank: MemoryBank) -> LabelTransfer:
                                    rescore=transfer["rescore"], rerank=transfer["rerank"], **retrieval["options"])
 
 
-def metric_summary(cm: ConfusionMatrix, info: DatasetInfo) -> dict:
-    """mIoU (both modes) and per-class IoU of `cm`, leaving out an ignore index that is a class id."""
-    exclude = info.ignore_index if info.ignore_index is not None and info.ignore_index < info.num_classes else None
-    return summarize(cm, info.class_names, exclude=exclude)
+def metric_summary(cm: ConfusionMatrix, class_names: Sequence[str], ignore_index: int | None) -> dict:
+    """mIoU (both modes) and per-class IoU of `cm`, leaving out an ignore index that is a class id (ADE20K's 0)."""
+    exclude = ignore_index if ignore_index is not None and ignore_index < len(class_names) else None
+    return summarize(cm, class_names, exclude=exclude)
 
 
 def evaluate_bank(config: dict, bank: MemoryBank, extractor: PatchFeatures, timings: dict) -> dict:
@@ -182,7 +182,7 @@ def evaluate_bank(config: dict, bank: MemoryBank, extractor: PatchFeatures, timi
             for pred, target in zip(preds, targets):
                 cm.update(pred, target)
     cm.all_reduce()
-    summary = metric_summary(cm, info)
+    summary = metric_summary(cm, info.class_names, info.ignore_index)
     summary["num_eval_images"] = len(eval_set)
     summary["eval_images_per_s"] = len(eval_set) / max(timings["evaluate_s"], 1e-9)
     return summary

@@ -27,8 +27,8 @@ from .errors import ConfigError, DataError
 from .features import PatchFeatures, build_patch_features
 from .label_transfer import LabelTransfer, patch_probs_to_map, upsample_argmax, upsample_probs
 from .memory_bank import MemoryBank, build_memory_bank, read_manifest
-from .metrics import ConfusionMatrix, summarize
-from .pipeline import bank_spec, make_extractor, resolve_device, seed_everything, timed
+from .metrics import ConfusionMatrix
+from .pipeline import bank_spec, make_extractor, metric_summary, resolve_device, seed_everything, timed
 from .transforms import EvalTransform, TrainTransform, read_image, read_mask, to_rgb
 
 log = logging.getLogger(__name__)
@@ -288,8 +288,10 @@ class InContextSegmenter:
 
     @property
     def ignore_index(self) -> int | None:
-        """The void id of the examples' masks (None if they had none)."""
-        return self.bank.manifest.get("segmenter", {}).get("ignore_index")
+        """The void id of the masks the bank was built from (None if they had none)."""
+        if "ignore_index" in self.bank.manifest:
+            return self.bank.manifest["ignore_index"]
+        return self.bank.manifest.get("segmenter", {}).get("ignore_index")  # banks saved before it was recorded
 
     @property
     def mask_dtype(self) -> type:
@@ -360,7 +362,7 @@ class InContextSegmenter:
 
     def metrics(self, cm: ConfusionMatrix) -> dict[str, Any]:
         """mIoU (standard and reference), per-class IoU and pixel accuracy of a filled matrix."""
-        return summarize(cm, self.class_names)
+        return metric_summary(cm, self.class_names, self.ignore_index)
 
     def evaluate(self, images: Sequence[ImageInput], masks: Sequence[MaskInput], batch_size: int = 8) -> dict:
         """Segment `images` and score them against `masks` at their original size."""

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import VOID
 from PIL import Image
 
 from hummingbird_fungi.backbones import load_backbone
@@ -198,3 +199,13 @@ def test_label_space_and_input_size():
         label_space(masks, None, 1)
     assert default_input_size([(360, 480)], 14) == (336, 448)
     assert default_input_size([(480, 360), (500, 300), (400, 300)], 16) == (448, 336)  # median aspect, portrait
+
+
+def test_bank_from_build_memory_keeps_its_void_id(toy_dataset, tmp_path):
+    bank = tmp_path / "bank"
+    assert main(["build-memory", "--out", str(tmp_path / "build.json"), "model.name=vit_tiny_patch16_224",
+                 "model.pretrained=false", "model.input_size=[64,64]", "data.kind=folder", f"data.root={toy_dataset}",
+                 "data.train_split=train", "data.num_workers=0", "memory.size=40", f"memory.path={bank}"]) == 0
+    net = load_backbone("vit_tiny_patch16_224", pretrained=False)  # the random ViT the bank was built with
+    seg = InContextSegmenter.from_memory(bank, backbone=net, device="cpu", k=5)
+    assert seg.ignore_index == VOID and seg.confusion_matrix().ignore_index == VOID
