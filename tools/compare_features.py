@@ -22,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 from hummingbird_fungi.config import load_config
-from hummingbird_fungi.datasets import collate
+from hummingbird_fungi.datasets import DatasetInfo, collate
 from hummingbird_fungi.label_transfer import predict_masks
-from hummingbird_fungi.memory_bank import subsample_bank, write_atomic
+from hummingbird_fungi.memory_bank import patches_per_image, subsample_bank, write_atomic
 from hummingbird_fungi.metrics import ConfusionMatrix
 from hummingbird_fungi.pipeline import (build_memory, make_backbone, make_dataset, make_transfer, metric_summary,
                                         resolve_device, versions)
@@ -38,8 +38,8 @@ def variant_overrides(text: str) -> list[str]:
     return overrides
 
 
-def eval_features(config: dict, extractor) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
-    """Features (B, N, D) and target masks of every eval batch, and seconds per image."""
+def eval_features(config: dict, extractor) -> tuple[list[torch.Tensor], list[torch.Tensor], float, DatasetInfo]:
+    """Features (B, N, D) and target masks of every eval batch, seconds per image, and the dataset's info."""
     dataset = make_dataset(config, "eval", train=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config["data"]["batch_size"],
                                          num_workers=config["data"]["num_workers"], collate_fn=collate)
@@ -49,7 +49,7 @@ def eval_features(config: dict, extractor) -> tuple[list[torch.Tensor], list[tor
     for batch in tqdm(loader, desc="eval features", unit="batch"):
         feats.append(extractor(batch["image"].to(device)).cpu())
         masks.append(batch["mask"])
-    return feats, masks, (time.perf_counter() - start) / len(dataset)
+    return feats, masks, (time.perf_counter() - start) / len(dataset), dataset.info
 
 
 def score(config: dict, bank, feats, masks, info, grid) -> dict:
@@ -61,7 +61,7 @@ def score(config: dict, bank, feats, masks, info, grid) -> dict:
                               config["transfer"]["class_chunk"])
         for pred, target in zip(preds, batch_masks):
             cm.update(pred, target)
-    return metric_summary(cm, info)
+    return metric_summary(cm, info.class_names, info.ignore_index)
 
 
 def main() -> None:
@@ -78,22 +78,22 @@ def main() -> None:
     sizes = [None if s.lower() == "none" else int(s) for s in (args.memory_size or ["none"])]
     base = load_config(args.config, args.overrides + ["memory.size=null", "memory.augment=false"])
     backbone = make_backbone(base, resolve_device(base["device"]))
-    rows = []
+    rules = args.sampling or ["label_aware"]
+    report = {"rows": [], "config": base, "versions": versions()}
+    rows = report["rows"]
     for variant in args.variant:
         config = load_config(args.config, args.overrides + ["memory.size=null", "memory.augment=false"]
                              + variant_overrides(variant))
         timings: dict[str, float] = {}
         full, extractor = build_memory(config, backbone=backbone, timings=timings)
         train_s = timings["build_memory_s"] / full.manifest["num_images"]
-        feats, masks, eval_s = eval_features(config, extractor)
-        info = make_dataset(config, "eval", train=False).info
+        feats, masks, eval_s, info = eval_features(config, extractor)
         grid = tuple(full.manifest["grid"])
-        plans = [(size, rule) for size in sizes for rule in (args.sampling or ["label_aware"])
-                 if size is not None or rule == (args.sampling or ["label_aware"])[0]]
+        plans = [(size, rule) for size in sizes for rule in rules if size is not None or rule == rules[0]]
+        per_image = full.manifest["patches_per_image"]
         for size, rule in plans:
-            n_img = full.manifest["patches_per_image"] if size is None else \
-                max(1, size // full.manifest["num_images"])
-            bank = full if n_img == full.manifest["patches_per_image"] else subsample_bank(full, n_img, rule)
+            n_img = patches_per_image(size, full.manifest["num_images"], 1, per_image)
+            bank = full if n_img == per_image else subsample_bank(full, n_img, rule)
             result = score(config, bank, feats, masks, info, grid)
             row = {"variant": variant, "memory_rows": bank.count, "sampling": rule if size else "all",
                    "miou": result["miou"],
@@ -104,8 +104,7 @@ def main() -> None:
                   f"(reference {100 * row['miou_reference']:.2f})", flush=True)
             if args.out:  # after every row, so a long run that is stopped keeps what it measured
                 args.out.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(args.out, json.dumps({"rows": rows, "config": base, "versions": versions()},
-                                                  indent=2, default=str).encode() + b"\n")
+                write_atomic(args.out, json.dumps(report, indent=2, default=str).encode() + b"\n")
 
 
 if __name__ == "__main__":
