@@ -292,7 +292,7 @@ def run_segment(args: argparse.Namespace, examples: Path | None, memory: Path | 
 
     start = time.perf_counter()
     segmenter, failed_examples = build_segmenter(args, examples, memory, **overrides)
-    if getattr(args, "save_memory", None) is not None:
+    if args.save_memory is not None:
         segmenter.save(args.save_memory)
     files, duplicates, ignored = list_images(images)
     result = segment_files(segmenter, files, out, masks_by_stem(ground_truth), args.batch_size, args.grid_rows)
@@ -416,4 +416,4 @@ def add_segment_commands(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--images", type=Path, help="folder of images to segment (default: synthetic)")
     demo.add_argument("--ground-truth", type=Path, help="masks of --images, for metrics")
     add_model_args(demo)
-    demo.set_defaults(func=cmd_demo, num_classes=None, ignore_index=None, class_names=None)
+    demo.set_defaults(func=cmd_demo, num_classes=None, ignore_index=None, class_names=None, save_memory=None)

@@ -61,15 +61,14 @@ def overlay(image: ImageLike, mask: np.ndarray, num_classes: int, alpha: float =
     return out.clip(0, 255).astype(np.uint8)
 
 
-def thumbnail(array: np.ndarray, max_side: int, nearest: bool = False) -> np.ndarray:
-    """Shrink an (h, w[, 3]) uint8 array so its long side is at most `max_side`."""
+def thumbnail(array: np.ndarray, max_side: int) -> np.ndarray:
+    """Shrink an (h, w[, 3]) uint8 array (bilinear) so its long side is at most `max_side`."""
     height, width = array.shape[:2]
     scale = max_side / max(height, width)
     if scale >= 1:
         return array
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    resample = Image.NEAREST if nearest else Image.BILINEAR
-    return np.asarray(Image.fromarray(array).resize(size, resample))
+    return np.asarray(Image.fromarray(array).resize(size, Image.BILINEAR))
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:

@@ -113,11 +113,12 @@ def support_set(backbone: Backbone, images: torch.Tensor, batch: int) -> torch.T
 def make_variants(backbone: Backbone, args: argparse.Namespace,
                   support_images: torch.Tensor) -> dict[str, tuple[PatchFeatures, int | None]]:
     """The timed extractors by result name, with their per-image patch selection (None: all)."""
+    dense = FungiPatchFeatures(backbone, projection="dense")  # one cached P for both dense variants
     variants: dict[str, tuple[PatchFeatures, int | None]] = {
         "forward": (EmbeddingFeatures(backbone), None),
         "fungi_structured_none": (FungiPatchFeatures(backbone, projection="structured"), None),
-        "fungi_dense_none": (FungiPatchFeatures(backbone, projection="dense"), None),
-        f"fungi_dense_none_select{args.select}": (FungiPatchFeatures(backbone, projection="dense"), args.select),
+        "fungi_dense_none": (dense, None),
+        f"fungi_dense_none_select{args.select}": (dense, args.select),
         "fungi_structured_support": (FungiPatchFeatures(backbone, negatives="support"), None),
     }
     variants["fungi_structured_support"][0].set_support(support_set(backbone, support_images, args.batch))

@@ -13,12 +13,11 @@ examples for the mIoU-vs-memory-size plot. Writes everything `segment` writes pl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
-from hummingbird_fungi.cli import build_parser
+from hummingbird_fungi.cli import build_parser, write_results
 from hummingbird_fungi.segment_cli import (build_segmenter, finish, list_images, masks_by_stem, memory_sweep,
                                            run_segment)
 from hummingbird_fungi.visualize import plot_miou_vs_memory
@@ -90,7 +89,7 @@ def main() -> None:
               "num_examples": opts.num_examples, "memory_sweep": points, "segment_s": segment_s,
               "total_s": time.perf_counter() - start, "timings": summary["timings"],
               "images_per_s": summary["segment"]["images_per_s"]}
-    (opts.out / "camvid_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_results(report, opts.out / "camvid_report.json")
     print(f"CamVid val mIoU {100 * report['miou']:.2f} ({len(files)} images, {opts.num_examples} examples, "
           f"{full} memory rows); segment run {segment_s:.0f} s, total {report['total_s']:.0f} s; "
           f"grid {opts.out / 'grid.png'}")
