@@ -10,8 +10,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import hummingbird_fungi.backbones as bb
-from hummingbird_fungi.backbones import SHORT_NAMES, file_sha256, load_backbone, resolve_name
+import hummingbird_fungi.models.backbones as bb
+from hummingbird_fungi.models.backbones import SHORT_NAMES, file_sha256, load_backbone, resolve_name
 from hummingbird_fungi.errors import ConfigError, DataError
 
 SMALL = dict(depth=2, embed_dim=48, num_heads=2)  # tiny ViT overrides accepted by every timm ViT name
@@ -122,7 +122,7 @@ def test_size_not_multiple_of_patch_is_rejected() -> None:
 
 
 def test_random_init_is_frozen_and_warned(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="hummingbird_fungi.backbones"):
+    with caplog.at_level(logging.WARNING, logger="hummingbird_fungi.models.backbones"):
         backbone = load_backbone("vit_tiny_patch16_224", pretrained=False, **SMALL)
     assert backbone.weights_id == "random" and "RANDOM" in caplog.text
     assert not backbone.training and not backbone.model.training

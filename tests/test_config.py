@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from hummingbird_fungi.config import input_size, load_config
+from hummingbird_fungi.config.loader import input_size, load_config
 from hummingbird_fungi.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -30,8 +30,8 @@ def test_unknown_key_is_named():
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_loads(path):
-    from hummingbird_fungi.config import DEFAULTS
-    from hummingbird_fungi.knn import KNN_DEFAULTS
+    from hummingbird_fungi.config.loader import DEFAULTS
+    from hummingbird_fungi.eval.knn import KNN_DEFAULTS
 
     cfg = load_config(path, defaults=KNN_DEFAULTS if path.name.startswith("knn_") else DEFAULTS)
     height = input_size(cfg["model"]["input_size"])[0]

@@ -8,12 +8,12 @@ import scipy.io
 import torch
 from PIL import Image
 
-from hummingbird_fungi.datasets import (
+from hummingbird_fungi.data.segmentation import (
     ADE20K_CLASSES, VOC_CLASSES, VOC_INFO, DatasetInfo, SegmentationDataset, ade20k_dataset, build_dataset, collate,
     folder_dataset, read_file_set, voc_dataset,
 )
 from hummingbird_fungi.errors import ConfigError, DataError
-from hummingbird_fungi.transforms import EvalTransform, TrainTransform
+from hummingbird_fungi.data.transforms import EvalTransform, TrainTransform
 
 TINY = DatasetInfo("tiny", 4, 255, ("a", "b", "c", "d"), False)
 

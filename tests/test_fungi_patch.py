@@ -9,7 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from hummingbird_fungi.backbones import Backbone
+from hummingbird_fungi.models.backbones import Backbone
 from hummingbird_fungi.errors import ConfigError
 from hummingbird_fungi.features import build_patch_features
 from hummingbird_fungi.features.fungi_patch import (

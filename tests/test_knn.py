@@ -15,12 +15,12 @@ from PIL import Image
 from sklearn.decomposition import PCA
 from sklearn.neighbors import KNeighborsClassifier
 
-from hummingbird_fungi import knn as knn_module
-from hummingbird_fungi.classification_data import load_classification, load_digits, stratified_split
-from hummingbird_fungi.config import load_config
+from hummingbird_fungi.eval import knn as knn_module
+from hummingbird_fungi.data.classification import load_classification, load_digits, stratified_split
+from hummingbird_fungi.config.loader import load_config
 from hummingbird_fungi.errors import ConfigError, DataError
-from hummingbird_fungi.feature_cache import FeatureCache
-from hummingbird_fungi.knn import (
+from hummingbird_fungi.features.cache import FeatureCache
+from hummingbird_fungi.eval.knn import (
     KNN_DEFAULTS,
     check_knn_config,
     classification_metrics,
@@ -229,7 +229,7 @@ def test_imagefolder_and_missing_datasets(tmp_path) -> None:
 @pytest.fixture
 def tiny_backbones(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make `load_backbone` return a tiny random ViT (whether or not backbones.py exists yet)."""
-    name = "hummingbird_fungi.backbones"
+    name = "hummingbird_fungi.models.backbones"
     try:
         module = importlib.import_module(name)
     except ImportError:

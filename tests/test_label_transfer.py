@@ -6,9 +6,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hummingbird_fungi.label_transfer import (LabelTransfer, aggregate_labels, attention_weights,
+from hummingbird_fungi.retrieval.transfer import (LabelTransfer, aggregate_labels, attention_weights,
                                               patch_probs_to_map, upsample_argmax)
-from hummingbird_fungi.memory_bank import MemoryBank
+from hummingbird_fungi.memory.bank import MemoryBank
 
 
 def test_attention_by_hand():
@@ -103,5 +103,5 @@ def test_rescoring_in_chunks_equals_one_pass(monkeypatch):
     queries = torch.randn(2, 37, 8, generator=gen)
     transfer = LabelTransfer.from_bank(bank, "faiss_ivfpq", k=5, rerank=50, nlist=4, m=4, nprobe=2, reorder=False)
     whole = transfer(queries)
-    monkeypatch.setattr("hummingbird_fungi.label_transfer.GATHER_ELEMENTS", 50 * 8 * 3)  # 3 queries per step
+    monkeypatch.setattr("hummingbird_fungi.retrieval.transfer.GATHER_ELEMENTS", 50 * 8 * 3)  # 3 queries per step
     torch.testing.assert_close(transfer(queries), whole, rtol=0, atol=0)

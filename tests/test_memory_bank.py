@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hummingbird_fungi.memory_bank as mb
+import hummingbird_fungi.memory.bank as mb
 from hummingbird_fungi.errors import BankMismatchError, DataError
 from hummingbird_fungi.features.base import PatchFeatures, select_patches
-from hummingbird_fungi.memory_bank import BankSpec, MemoryBank, build_memory_bank
+from hummingbird_fungi.memory.bank import BankSpec, MemoryBank, build_memory_bank
 
 
 @dataclass
@@ -157,7 +157,7 @@ def test_partial_build_of_other_config_is_not_mixed(tmp_path, monkeypatch):
 
 
 def test_subsampling_an_unbounded_bank_equals_a_bounded_build():
-    from hummingbird_fungi.memory_bank import subsample_bank
+    from hummingbird_fungi.memory.bank import subsample_bank
 
     extractor = PatchMeanFeatures(FakeBackbone())
     full = build_memory_bank(ToyDataset(), extractor, spec(memory_size=None))

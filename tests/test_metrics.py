@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hummingbird_fungi.metrics import (ConfusionMatrix, iou_per_class, miou_reference, miou_standard,
+from hummingbird_fungi.eval.metrics import (ConfusionMatrix, iou_per_class, miou_reference, miou_standard,
                                        summarize)
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hummingbird_fungi.cli import main
-from hummingbird_fungi.config import load_config
-from hummingbird_fungi.pipeline import run_hbird
+from hummingbird_fungi.cli.main import main
+from hummingbird_fungi.config.loader import load_config
+from hummingbird_fungi.eval.hbird import run_hbird
 
 TINY = ["model.name=vit_tiny_patch16_224", "model.pretrained=false", "model.input_size=[64,64]",
         "data.kind=folder", "data.train_split=train", "data.eval_split=val", "data.num_workers=0",

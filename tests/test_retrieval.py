@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hummingbird_fungi.errors import ConfigError
-from hummingbird_fungi.retrieval import Index, available_backends, build_index
+from hummingbird_fungi.retrieval.indexes import Index, available_backends, build_index
 
 DIM = 32
 

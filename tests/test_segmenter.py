@@ -9,10 +9,10 @@ import torch
 from conftest import VOID
 from PIL import Image
 
-from hummingbird_fungi.backbones import load_backbone
-from hummingbird_fungi.cli import main
+from hummingbird_fungi.models.backbones import load_backbone
+from hummingbird_fungi.cli.main import main
 from hummingbird_fungi.errors import BankMismatchError, ConfigError
-from hummingbird_fungi.segmenter import InContextSegmenter, as_rgb, default_input_size, label_space
+from hummingbird_fungi.segment.segmenter import InContextSegmenter, as_rgb, default_input_size, label_space
 
 TINY = {"depth": 2, "patch_size": 8}
 INPUT = (64, 96)  # (H, W) network input

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from hummingbird_fungi.errors import ConfigError, DataError
-from hummingbird_fungi.transforms import (
+from hummingbird_fungi.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, REFERENCE_STD, EvalTransform, TrainTransform, normalization,
     random_resized_crop_params, read_image, read_mask, resize_mask, sample_seed,
 )

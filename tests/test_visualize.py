@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hummingbird_fungi.demo import CLASS_NAMES, make_scene, write_demo_data
+from hummingbird_fungi.segment.demo_data import CLASS_NAMES, make_scene, write_demo_data
 from hummingbird_fungi.errors import ConfigError
-from hummingbird_fungi.segment_cli import demo_sources
-from hummingbird_fungi.visualize import (VOID_COLOUR, colorize, overlay, overlay_grid, palette, plot_miou_vs_memory,
+from hummingbird_fungi.segment.folders import demo_sources
+from hummingbird_fungi.segment.visualize import (VOID_COLOUR, colorize, overlay, overlay_grid, palette, plot_miou_vs_memory,
                                          plot_per_class_iou)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

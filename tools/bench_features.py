@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hummingbird_fungi.backbones import Backbone, load_backbone
+from hummingbird_fungi.models.backbones import Backbone, load_backbone
 from hummingbird_fungi.features import EmbeddingFeatures, PatchFeatures
 from hummingbird_fungi.features.fungi_patch import FungiPatchFeatures
 

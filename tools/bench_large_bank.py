@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hummingbird_fungi.label_transfer import LabelTransfer
-from hummingbird_fungi.memory_bank import (FORMAT_VERSION, BankSpec, MemoryBank, manifest_json, save_npy_atomic,
+from hummingbird_fungi.retrieval.transfer import LabelTransfer
+from hummingbird_fungi.memory.bank import (FORMAT_VERSION, BankSpec, MemoryBank, manifest_json, save_npy_atomic,
                                            write_atomic)
-from hummingbird_fungi.retrieval import Index, build_index
+from hummingbird_fungi.retrieval.indexes import Index, build_index
 
 log = logging.getLogger("bench_large_bank")
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hummingbird_fungi.config import load_config
-from hummingbird_fungi.datasets import DatasetInfo, collate
-from hummingbird_fungi.label_transfer import predict_masks
-from hummingbird_fungi.memory_bank import patches_per_image, subsample_bank, write_atomic
-from hummingbird_fungi.metrics import ConfusionMatrix
-from hummingbird_fungi.pipeline import (build_memory, make_backbone, make_dataset, make_transfer, metric_summary,
+from hummingbird_fungi.config.loader import load_config
+from hummingbird_fungi.data.segmentation import DatasetInfo, collate
+from hummingbird_fungi.retrieval.transfer import predict_masks
+from hummingbird_fungi.memory.bank import patches_per_image, subsample_bank, write_atomic
+from hummingbird_fungi.eval.metrics import ConfusionMatrix
+from hummingbird_fungi.eval.hbird import (build_memory, make_backbone, make_dataset, make_transfer, metric_summary,
                                         resolve_device, versions)
 
 

@@ -17,10 +17,10 @@ import logging
 import time
 from pathlib import Path
 
-from hummingbird_fungi.cli import build_parser, write_results
-from hummingbird_fungi.segment_cli import (build_segmenter, finish, list_images, masks_by_stem, memory_sweep,
+from hummingbird_fungi.cli.main import build_parser, write_results
+from hummingbird_fungi.segment.folders import (build_segmenter, finish, list_images, masks_by_stem, memory_sweep,
                                            run_segment)
-from hummingbird_fungi.visualize import plot_miou_vs_memory
+from hummingbird_fungi.segment.visualize import plot_miou_vs_memory
 
 log = logging.getLogger("segment_camvid")
 

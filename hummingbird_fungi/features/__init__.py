@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import ConfigError
-from .base import PatchFeatures
-from .embeddings import EmbeddingFeatures
+from hummingbird_fungi.errors import ConfigError
+from hummingbird_fungi.features.base import PatchFeatures
+from hummingbird_fungi.features.embeddings import EmbeddingFeatures
 
 if TYPE_CHECKING:
-    from ..backbones import Backbone
+    from hummingbird_fungi.models.backbones import Backbone
 
 _REGISTRY: dict[str, Callable[..., PatchFeatures]] = {"embeddings": EmbeddingFeatures}
 
@@ -28,6 +28,6 @@ def build_patch_features(kind: str, backbone: "Backbone", options: dict[str, Any
 
 __all__ = ["PatchFeatures", "EmbeddingFeatures", "build_patch_features", "register"]
 
-from .fungi_patch import FungiPatchFeatures  # noqa: E402
+from hummingbird_fungi.features.fungi_patch import FungiPatchFeatures  # noqa: E402
 
 register("fungi", FungiPatchFeatures)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from ..backbones import Backbone
+    from hummingbird_fungi.models.backbones import Backbone
 
 
 class PatchFeatures(abc.ABC):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import PatchFeatures, select_patches
+from hummingbird_fungi.features.base import PatchFeatures, select_patches
 
 
 class EmbeddingFeatures(PatchFeatures):

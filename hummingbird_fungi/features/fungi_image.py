@@ -38,13 +38,13 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from ..errors import ConfigError
-from .fungi_patch import info_nce
-from .gradients import DEFAULT_LAYER, find_linear, forward_with_capture, random_head
-from .projection import build_projection, derived_seed
+from hummingbird_fungi.errors import ConfigError
+from hummingbird_fungi.features.fungi_patch import info_nce
+from hummingbird_fungi.features.gradients import DEFAULT_LAYER, find_linear, forward_with_capture, random_head
+from hummingbird_fungi.features.projection import build_projection, derived_seed
 
 if TYPE_CHECKING:
-    from ..backbones import Backbone
+    from hummingbird_fungi.models.backbones import Backbone
 
 OBJECTIVES = ("kl", "dino", "simclr")
 BLOCKS = ("emb",) + OBJECTIVES  # feature blocks in concatenation order

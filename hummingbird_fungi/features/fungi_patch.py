@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError
-from .base import PatchFeatures, select_patches
-from .gradients import DEFAULT_LAYER, find_linear, forward_with_capture, random_head
-from .projection import build_projection
+from hummingbird_fungi.errors import ConfigError
+from hummingbird_fungi.features.base import PatchFeatures, select_patches
+from hummingbird_fungi.features.gradients import DEFAULT_LAYER, find_linear, forward_with_capture, random_head
+from hummingbird_fungi.features.projection import build_projection
 
 if TYPE_CHECKING:
-    from ..backbones import Backbone
+    from hummingbird_fungi.models.backbones import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class FungiPatchFeatures(PatchFeatures):
 
         `image_ids` (M,) name each row's image, so that a query image's own rows can be skipped.
         """
-        from ..retrieval import build_index
+        from hummingbird_fungi.retrieval.indexes import build_index
 
         features = torch.as_tensor(features)
         if features.ndim != 2 or features.shape[1] != self.backbone.embed_dim:

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from hummingbird_fungi.errors import ConfigError
 
 DEFAULT_LAYER = "blocks.-1.attn.proj"
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
+from hummingbird_fungi.errors import ConfigError
 
 DENSE_GEN_ROWS = 16  # rows of P per seeded generator; part of P's definition
 _WORK_ELEMENTS = 1 << 21  # floats in one intermediate block (8 MB in fp32; cache-friendly on CPU)

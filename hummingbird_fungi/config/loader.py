@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from hummingbird_fungi.errors import ConfigError
 
 # Keys whose values are free-form dicts passed to a component (validated there).
 FREE_FORM = {"features.fungi", "retrieval.options", "knn", "features.image"}

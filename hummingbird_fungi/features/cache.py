@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import DataError
-from .memory_bank import manifest_json, save_npy_atomic, write_atomic
+from hummingbird_fungi.errors import DataError
+from hummingbird_fungi.memory.bank import manifest_json, save_npy_atomic, write_atomic
 
 log = logging.getLogger(__name__)
 

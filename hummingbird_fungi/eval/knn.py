@@ -22,12 +22,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import __version__
-from .classification_data import ClassificationData, load_classification
-from .config import input_size
-from .errors import ConfigError
-from .feature_cache import FeatureCache
-from .features.fungi_image import (
+from hummingbird_fungi import __version__
+from hummingbird_fungi.data.classification import ClassificationData, load_classification
+from hummingbird_fungi.config.loader import input_size
+from hummingbird_fungi.errors import ConfigError
+from hummingbird_fungi.features.cache import FeatureCache
+from hummingbird_fungi.features.fungi_image import (
     BLOCKS,
     OBJECTIVES,
     FeatureBlock,
@@ -36,7 +36,7 @@ from .features.fungi_image import (
     build_objective,
     combination_name,
 )
-from .pipeline import resolve_device
+from hummingbird_fungi.eval.hbird import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ def load_split(config: dict, which: str) -> ClassificationData:
 
 def build_extractor(config: dict, device: torch.device, num_train: int) -> ImageFungi:
     """Backbone, shared projection and the configured objectives."""
-    from .backbones import load_backbone
+    from hummingbird_fungi.models.backbones import load_backbone
 
     model, features = config["model"], config["features"]
     height, width = input_size(model["input_size"])

@@ -20,16 +20,16 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from .backbones import Backbone, load_backbone
-from .config import DEFAULTS
-from .datasets import DatasetInfo, SegmentationDataset, check_labels
-from .errors import ConfigError, DataError
-from .features import PatchFeatures, build_patch_features
-from .label_transfer import LabelTransfer, patch_probs_to_map, upsample_argmax, upsample_probs
-from .memory_bank import MemoryBank, build_memory_bank, read_manifest
-from .metrics import ConfusionMatrix
-from .pipeline import bank_spec, make_extractor, metric_summary, resolve_device, seed_everything, timed
-from .transforms import EvalTransform, TrainTransform, read_image, read_mask, to_rgb
+from hummingbird_fungi.models.backbones import Backbone, load_backbone
+from hummingbird_fungi.config.loader import DEFAULTS
+from hummingbird_fungi.data.segmentation import DatasetInfo, SegmentationDataset, check_labels
+from hummingbird_fungi.errors import ConfigError, DataError
+from hummingbird_fungi.features import PatchFeatures, build_patch_features
+from hummingbird_fungi.retrieval.transfer import LabelTransfer, patch_probs_to_map, upsample_argmax, upsample_probs
+from hummingbird_fungi.memory.bank import MemoryBank, build_memory_bank, read_manifest
+from hummingbird_fungi.eval.metrics import ConfusionMatrix
+from hummingbird_fungi.eval.hbird import bank_spec, make_extractor, metric_summary, resolve_device, seed_everything, timed
+from hummingbird_fungi.data.transforms import EvalTransform, TrainTransform, read_image, read_mask, to_rgb
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .config import deep_merge, input_size, nest, parse_override
-from .datasets import IMAGE_EXTENSIONS, read_folder_info
-from .errors import ConfigError, DataError
-from .metrics import ConfusionMatrix, pixel_accuracy
-from .segmenter import InContextSegmenter
-from .transforms import read_image, read_mask
-from .visualize import overlay, overlay_grid, plot_miou_vs_memory, plot_per_class_iou
+from hummingbird_fungi.config.loader import deep_merge, input_size, nest, parse_override
+from hummingbird_fungi.data.segmentation import IMAGE_EXTENSIONS, read_folder_info
+from hummingbird_fungi.errors import ConfigError, DataError
+from hummingbird_fungi.eval.metrics import ConfusionMatrix, pixel_accuracy
+from hummingbird_fungi.segment.segmenter import InContextSegmenter
+from hummingbird_fungi.data.transforms import read_image, read_mask
+from hummingbird_fungi.segment.visualize import overlay, overlay_grid, plot_miou_vs_memory, plot_per_class_iou
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def build_segmenter(args: argparse.Namespace, examples: Path | None, memory: Pat
 
 def finish(summary: dict[str, Any], out: Path) -> None:
     """Write `<out>/summary.json`, print the metrics and where everything is."""
-    from .cli import print_metrics, write_results
+    from hummingbird_fungi.cli.main import print_metrics, write_results
 
     write_results(summary, out / "summary.json")
     if "metrics" in summary:
@@ -288,7 +288,7 @@ def run_segment(args: argparse.Namespace, examples: Path | None, memory: Path | 
                 ground_truth: Path | None, out: Path, notes: Sequence[str] = (),
                 **overrides: Any) -> tuple[dict[str, Any], InContextSegmenter]:
     """Build or load the segmenter, segment the image folder; the summary and the segmenter."""
-    from .pipeline import versions
+    from hummingbird_fungi.eval.hbird import versions
 
     start = time.perf_counter()
     segmenter, failed_examples = build_segmenter(args, examples, memory, **overrides)
@@ -337,7 +337,7 @@ def demo_sources(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """`hbfungi demo`: the segment path on the embedded scenes with a random ViT, or on what is given."""
-    from .demo import write_demo_data
+    from hummingbird_fungi.segment.demo_data import write_demo_data
 
     sources = demo_sources(args)
     out: Path = args.out
@@ -345,7 +345,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if sources["examples"] is None:
         dirs = write_demo_data(out / "data", seed=args.seed)
         examples, images, ground_truth = dirs["examples"], dirs["images"], dirs["ground_truth"]
-        notes.append(f"DATA IS SYNTHETIC: procedurally generated street-like scenes (hummingbird_fungi.demo, "
+        notes.append(f"DATA IS SYNTHETIC: procedurally generated street-like scenes (hummingbird_fungi.segment.demo_data, "
                      f"seed {args.seed}) under {out / 'data'}; not real photographs")
     else:
         examples, images, ground_truth = sources["examples"], sources["images"], args.ground_truth

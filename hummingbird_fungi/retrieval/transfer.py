@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .memory_bank import MemoryBank
-from .retrieval import FaissTrainedIndex, Index, build_index
+from hummingbird_fungi.memory.bank import MemoryBank
+from hummingbird_fungi.retrieval.indexes import FaissTrainedIndex, Index, build_index
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import torchvision.transforms.v2.functional as TF
 import yaml
 from PIL import Image
 
-from .errors import ConfigError, DataError
-from .transforms import TrainTransform, read_image, read_mask, sample_seed
+from hummingbird_fungi.errors import ConfigError, DataError
+from hummingbird_fungi.data.transforms import TrainTransform, read_image, read_mask, sample_seed
 
 log = logging.getLogger(__name__)
 

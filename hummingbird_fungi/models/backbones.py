@@ -25,7 +25,7 @@ import torch
 from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from .errors import ConfigError, DataError
+from hummingbird_fungi.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from hummingbird_fungi.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .errors import BankMismatchError, ConfigError, DataError
+from hummingbird_fungi.errors import BankMismatchError, ConfigError, DataError
 
 log = logging.getLogger("hummingbird_fungi")
 
@@ -26,8 +26,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, defaults: dict | None = None) -> dict:
     """Preset + overrides (+ --seed/--device) -> validated config dict."""
-    from .config import load_config
-    from .distributed import init_from_env
+    from hummingbird_fungi.config.loader import load_config
+    from hummingbird_fungi.distributed import init_from_env
 
     overrides = list(args.overrides)
     if args.seed is not None:
@@ -42,8 +42,8 @@ def config_from_args(args: argparse.Namespace, defaults: dict | None = None) -> 
 
 def write_results(results: dict, out: Path | None) -> None:
     """Write the results JSON (atomically) and log where."""
-    from .distributed import is_main
-    from .memory_bank import write_atomic
+    from hummingbird_fungi.distributed import is_main
+    from hummingbird_fungi.memory.bank import write_atomic
 
     if out is None or not is_main():
         return
@@ -54,7 +54,7 @@ def write_results(results: dict, out: Path | None) -> None:
 
 def print_metrics(results: dict) -> None:
     """One-line metric summary plus per-class IoU on stdout."""
-    from .distributed import is_main
+    from hummingbird_fungi.distributed import is_main
 
     if "miou" not in results or not is_main():
         return
@@ -65,7 +65,7 @@ def print_metrics(results: dict) -> None:
 
 def cmd_hbird(args: argparse.Namespace) -> None:
     """Build (or reuse) the memory bank, then evaluate."""
-    from .pipeline import run_hbird
+    from hummingbird_fungi.eval.hbird import run_hbird
 
     results = run_hbird(config_from_args(args))
     print_metrics(results)
@@ -74,7 +74,7 @@ def cmd_hbird(args: argparse.Namespace) -> None:
 
 def cmd_build_memory(args: argparse.Namespace) -> None:
     """Build and save a memory bank."""
-    from .pipeline import run_build_memory
+    from hummingbird_fungi.eval.hbird import run_build_memory
 
     results = run_build_memory(config_from_args(args))
     print(f"memory bank {results['path']}: {results['memory']['rows']} rows x {results['memory']['dim']}")
@@ -83,7 +83,7 @@ def cmd_build_memory(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Evaluate with a saved memory bank."""
-    from .pipeline import run_evaluate
+    from hummingbird_fungi.eval.hbird import run_evaluate
 
     results = run_evaluate(config_from_args(args))
     print_metrics(results)
@@ -92,7 +92,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_knn(args: argparse.Namespace) -> None:
     """Image-level kNN classification with embeddings and FUNGI features."""
-    from .knn import KNN_DEFAULTS, format_table, run_knn
+    from hummingbird_fungi.eval.knn import KNN_DEFAULTS, format_table, run_knn
 
     results = run_knn(config_from_args(args, defaults=KNN_DEFAULTS))
     print(format_table(results["results"]))
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         child = sub.add_parser(name, help=help_text, description=help_text)
         add_config_args(child)
         child.set_defaults(func=func)
-    from .segment_cli import add_segment_commands
+    from hummingbird_fungi.segment.folders import add_segment_commands
 
     add_segment_commands(sub)
     return parser

@@ -13,18 +13,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__
-from .backbones import Backbone, load_backbone
-from .config import input_size
-from .datasets import SegmentationDataset, build_dataset, collate
-from .distributed import rank_and_world
-from .errors import ConfigError
-from .features import PatchFeatures, build_patch_features
-from .features.embeddings import EmbeddingFeatures
-from .label_transfer import LabelTransfer, predict_masks
-from .memory_bank import BankSpec, MemoryBank, build_memory_bank
-from .metrics import ConfusionMatrix, summarize
-from .transforms import EvalTransform, TrainTransform
+from hummingbird_fungi import __version__
+from hummingbird_fungi.models.backbones import Backbone, load_backbone
+from hummingbird_fungi.config.loader import input_size
+from hummingbird_fungi.data.segmentation import SegmentationDataset, build_dataset, collate
+from hummingbird_fungi.distributed import rank_and_world
+from hummingbird_fungi.errors import ConfigError
+from hummingbird_fungi.features import PatchFeatures, build_patch_features
+from hummingbird_fungi.features.embeddings import EmbeddingFeatures
+from hummingbird_fungi.retrieval.transfer import LabelTransfer, predict_masks
+from hummingbird_fungi.memory.bank import BankSpec, MemoryBank, build_memory_bank
+from hummingbird_fungi.eval.metrics import ConfusionMatrix, summarize
+from hummingbird_fungi.data.transforms import EvalTransform, TrainTransform
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from .errors import DataError
+from hummingbird_fungi.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .distributed import barrier, rank_and_world
-from .errors import BankMismatchError, ConfigError, DataError
-from .features.base import PatchFeatures
-from .transforms import sample_seed
+from hummingbird_fungi.distributed import barrier, rank_and_world
+from hummingbird_fungi.errors import BankMismatchError, ConfigError, DataError
+from hummingbird_fungi.features.base import PatchFeatures
+from hummingbird_fungi.data.transforms import sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def _extract_shard(dataset, extractor: PatchFeatures, spec: BankSpec, epoch: int
                    n_img: int, batch_size: int, num_workers: int, device: torch.device,
                    progress: tqdm) -> tuple[np.ndarray, np.ndarray]:
     """Features and soft labels of the sampled patches of images [start, end) at `epoch`."""
-    from .datasets import collate
+    from hummingbird_fungi.data.segmentation import collate
 
     dataset.set_epoch(epoch)
     subset = torch.utils.data.Subset(dataset, range(start, end))
