@@ -11,13 +11,14 @@ import torch
 from safetensors.torch import save_file
 
 import hummingbird_fungi.models.backbones as bb
+from hummingbird_fungi.models.encoders import TimmViTEncoder
 from hummingbird_fungi.models.backbones import SHORT_NAMES, file_sha256, load_backbone, resolve_name
 from hummingbird_fungi.errors import ConfigError, DataError
 
 SMALL = dict(depth=2, embed_dim=48, num_heads=2)  # tiny ViT overrides accepted by every timm ViT name
 
 
-def tiny(name: str = "vit_tiny_patch16_224", seed: int = 0, **overrides) -> bb.Backbone:
+def tiny(name: str = "vit_tiny_patch16_224", seed: int = 0, **overrides) -> TimmViTEncoder:
     """A tiny random backbone with every parameter randomised (so layer scales and tokens matter)."""
     torch.manual_seed(seed)
     backbone = load_backbone(name, pretrained=False, **{**SMALL, **overrides})
@@ -32,7 +33,7 @@ def image(height: int, width: int, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(1))
 
 
-def assert_same_tokens(loaded: bb.Backbone, original: bb.Backbone, height: int, width: int) -> None:
+def assert_same_tokens(loaded: TimmViTEncoder, original: TimmViTEncoder, height: int, width: int) -> None:
     """Both backbones give the same tokens, prefix tokens included."""
     x = image(height, width)
     torch.testing.assert_close(loaded.forward_tokens(x), original.forward_tokens(x), rtol=1e-5, atol=1e-5)
@@ -127,7 +128,7 @@ def test_random_init_is_frozen_and_warned(caplog: pytest.LogCaptureFixture) -> N
     assert backbone.weights_id == "random" and "RANDOM" in caplog.text
     assert not backbone.training and not backbone.model.training
     assert not any(param.requires_grad for param in backbone.parameters())
-    assert (backbone.name, backbone.timm_name, backbone.embed_dim) == ("vit_tiny_patch16_224",) * 2 + (48,)
+    assert (backbone.name, backbone.architecture, backbone.embed_dim) == ("vit_tiny_patch16_224",) * 2 + (48,)
 
 
 def test_unreachable_hub_fails_fast_with_advice(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,6 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 from hummingbird_fungi.errors import ConfigError
 from hummingbird_fungi.features.fungi_image import (
@@ -20,37 +19,24 @@ from hummingbird_fungi.features.fungi_image import (
     SimCLRObjective,
     build_objective,
     combination_name,
-    dino_loss,
     eval_view,
-    kl_uniform_loss,
     patchify,
     patchify_count,
     seeded_linear,
-    simclr_loss,
 )
+from hummingbird_fungi.features.losses import dino_loss, info_nce, kl_uniform_loss
+from hummingbird_fungi.models.encoders import TimmViTEncoder
 
 SIZE = 16  # tiny input: 2 x 2 patches of 8 px
 
 
-class TinyBackbone(nn.Module):
-    """Stand-in for backbones.Backbone around a tiny random timm ViT (token pooling)."""
-
-    def __init__(self, seed: int = 0, embed_dim: int = 32) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=SIZE,
-                                       patch_size=8, embed_dim=embed_dim, depth=2, num_heads=2, init_values=0.5,
-                                       dynamic_img_size=True).eval()
-        self.name = self.timm_name = "tiny"
-        self.weights_id = f"random-{seed}"
-        self.patch_size, self.embed_dim = 8, embed_dim
-        self.num_prefix_tokens = self.model.num_prefix_tokens
-
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(x)[:, self.num_prefix_tokens:]
+def TinyBackbone(seed: int = 0, embed_dim: int = 32) -> TimmViTEncoder:
+    """A tiny random timm ViT (2 x 2 patches of 8 px at SIZE, token pooling) as an encoder."""
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=SIZE,
+                              patch_size=8, embed_dim=embed_dim, depth=2, num_heads=2, init_values=0.5,
+                              dynamic_img_size=True)
+    return TimmViTEncoder(model, name="tiny", weights_id=f"random-{seed}")
 
 
 def small_objectives(embed_dim: int = 32, seed: int = 0) -> dict[str, object]:
@@ -133,13 +119,13 @@ def test_simclr_loss_matches_hand_computation(placement: str) -> None:
             lse = math.log(sum(math.exp(s / scale) for s in sims))
             losses.append(-sum(positive) / (2 * tau) + lse)
         expected.append(sum(losses) / 3)
-    got = simclr_loss(z, negatives, tau, placement)
+    got = info_nce(z, tau, placement, negatives)
     assert torch.allclose(got, torch.tensor(expected), atol=1e-5)
 
 
 def test_simclr_loss_needs_two_views() -> None:
     with pytest.raises(ValueError):
-        simclr_loss(torch.randn(2, 1, 4), None, 0.1)
+        info_nce(torch.randn(2, 1, 4), 0.1, "both", None)
 
 
 # --------------------------------------------------------------------------- per-sample gradients
@@ -151,7 +137,7 @@ def naive_gradient(extractor: ImageFungi, objective, views: torch.Tensor) -> tor
     flags = weight.requires_grad, bias.requires_grad
     weight.requires_grad_(True), bias.requires_grad_(True)
     try:
-        embeddings = extractor._pooled(views)[None]  # (1, V, E)
+        embeddings = extractor.encoder.pooled(views)[None]  # (1, V, E)
         loss = objective.loss(embeddings).sum()
         grad_w, grad_b = torch.autograd.grad(loss, [weight, bias])
     finally:
@@ -206,7 +192,7 @@ def test_projection_seed_changes_gradient_features() -> None:
 def test_all_objectives_share_one_projection(extractor: ImageFungi) -> None:
     options = {extractor.block(name).options["projection"]["seed"] for name in ("kl", "dino", "simclr")}
     assert options == {0}
-    assert extractor.projection.out_dim == extractor.backbone.embed_dim
+    assert extractor.projection.out_dim == extractor.encoder.embed_dim
 
 
 def test_simclr_requires_negatives() -> None:

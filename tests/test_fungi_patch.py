@@ -9,32 +9,32 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from hummingbird_fungi.models.backbones import Backbone
+from hummingbird_fungi.models.encoders import TimmViTEncoder, find_linear
 from hummingbird_fungi.errors import ConfigError
 from hummingbird_fungi.features import build_patch_features
 from hummingbird_fungi.features.fungi_patch import (
     FungiPatchFeatures,
     gather_negatives,
-    info_nce,
     keep_mask,
     other_image_neighbours,
 )
-from hummingbird_fungi.features.gradients import find_linear, forward_with_capture
+from hummingbird_fungi.features.gradients import forward_with_capture
+from hummingbird_fungi.features.losses import info_nce
 
 TAU = 0.07
 
 
-def tiny_backbone(reg_tokens: int = 0, seed: int = 0) -> Backbone:
-    """A frozen tiny random timm ViT (patch 8, width 32, 2 blocks) as a Backbone."""
+def tiny_backbone(reg_tokens: int = 0, seed: int = 0) -> TimmViTEncoder:
+    """A frozen tiny random timm ViT (patch 8, width 32, 2 blocks) as an encoder."""
     torch.manual_seed(seed)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
                               embed_dim=32, depth=2, num_heads=2, init_values=0.5, reg_tokens=reg_tokens,
                               dynamic_img_size=True)
-    return Backbone(model.eval().requires_grad_(False), "tiny", "vit_tiny", "random").eval()
+    return TimmViTEncoder(model.requires_grad_(False), name="tiny", weights_id="random")
 
 
 @pytest.fixture(scope="module")
-def backbone() -> Backbone:
+def backbone() -> TimmViTEncoder:
     return tiny_backbone()
 
 
@@ -70,7 +70,7 @@ def reference_negatives(ext: FungiPatchFeatures, tokens: torch.Tensor, support: 
 
 def naive_features(ext: FungiPatchFeatures, images: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
     """FUNGI with per-token weight gradients materialised by autograd and the explicit dense P."""
-    model, prefix = ext.backbone.model, ext.backbone.num_prefix_tokens
+    model, prefix = ext.encoder.model, ext.encoder.num_prefix_tokens
     proj = find_linear(model, ext.layer_path)
     per_token = {}
 
@@ -121,7 +121,7 @@ def test_fast_path_equals_naive_with_support_negatives(negatives: str, backbone,
 
 
 def test_capture_gives_plain_tokens_and_frozen_graph(backbone, images) -> None:
-    layer = find_linear(backbone.model)
+    layer = find_linear(backbone.model, "blocks.-1.attn.proj")
     capture = forward_with_capture(backbone.forward_tokens, layer, images)
     with torch.no_grad():
         plain = backbone.forward_tokens(images)

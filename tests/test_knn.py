@@ -15,23 +15,13 @@ from PIL import Image
 from sklearn.decomposition import PCA
 from sklearn.neighbors import KNeighborsClassifier
 
-from hummingbird_fungi.eval import knn as knn_module
-from hummingbird_fungi.data.classification import load_classification, load_digits, stratified_split
 from hummingbird_fungi.config.loader import load_config
+from hummingbird_fungi.config.schema import KnnConfig, KnnOptions
+from hummingbird_fungi.data.classification import load_classification, load_digits, stratified_split
 from hummingbird_fungi.errors import ConfigError, DataError
+from hummingbird_fungi.eval.knn import classification_metrics, few_shot_indices, fit_pca, knn_predict, reduce
+from hummingbird_fungi.eval.knn_run import combinations, format_table, run_knn
 from hummingbird_fungi.features.cache import FeatureCache
-from hummingbird_fungi.eval.knn import (
-    KNN_DEFAULTS,
-    check_knn_config,
-    classification_metrics,
-    combinations,
-    few_shot_indices,
-    fit_pca,
-    format_table,
-    knn_predict,
-    reduce,
-    run_knn,
-)
 from test_fungi_image import TinyBackbone
 
 
@@ -121,11 +111,11 @@ def test_few_shot_rules() -> None:
 
 
 def test_knn_config_checks_and_combinations() -> None:
-    assert check_knn_config({"vote": "weighted"})["vote"] == ["weighted"]
-    with pytest.raises(ConfigError):
-        check_knn_config({"kk": 3})
-    with pytest.raises(ConfigError):
-        check_knn_config({"shots": ["full", 0]})
+    assert KnnOptions.from_mapping({"vote": "weighted"}).vote == ["weighted"]
+    with pytest.raises(ConfigError, match="knn.kk"):
+        KnnOptions.from_mapping({"kk": 3})
+    with pytest.raises(ConfigError, match="knn.shots"):
+        KnnOptions(shots=["full", 0])
     assert len(combinations(["emb", "kl", "dino", "simclr"], "all")) == 15
     assert combinations(["emb", "kl"], ["kl+emb"]) == [("kl", "emb")]
     with pytest.raises(ConfigError):
@@ -238,7 +228,7 @@ def tiny_backbones(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(module, "load_backbone", lambda *args, **kwargs: TinyBackbone(), raising=False)
 
 
-def tiny_config(tmp_path) -> dict:
+def tiny_config(tmp_path) -> KnnConfig:
     """Digits subset, 16 px, all objectives with few views, cached under tmp_path."""
     overrides = [
         "device=cpu", "model.input_size=16", "data.max_train_images=40", "data.max_eval_images=20",
@@ -249,7 +239,7 @@ def tiny_config(tmp_path) -> dict:
         "knn.vote=[uniform, weighted]", "knn.few_shot_rule=[first, random]", "knn.shots=[full, 2]",
         "knn.few_shot_seeds=[0, 1]", "knn.combinations=[emb, kl+dino, emb+kl+dino+simclr]",
     ]
-    return load_config(None, overrides, defaults=KNN_DEFAULTS)
+    return load_config(None, overrides, schema=KnnConfig)
 
 
 def test_run_knn_end_to_end_and_resume(tmp_path, tiny_backbones) -> None:
@@ -271,10 +261,11 @@ def test_run_knn_end_to_end_and_resume(tmp_path, tiny_backbones) -> None:
 
 
 def test_run_knn_rejects_bad_settings(tmp_path, tiny_backbones) -> None:
-    config = tiny_config(tmp_path)
-    config["model"]["input_size"] = [16, 24]
     with pytest.raises(ConfigError, match="square"):
-        run_knn(config)
-    with pytest.raises(ConfigError):
-        load_config(None, ["features.kl.temprature=3"], defaults=KNN_DEFAULTS)
-    assert knn_module.KNN_DEFAULTS["knn"]["k"] == 20
+        load_config(None, ["model.input_size=[16,24]"], schema=KnnConfig)
+    with pytest.raises(ConfigError, match="features.kl.temprature"):
+        load_config(None, ["features.kl.temprature=3"], schema=KnnConfig)
+    with pytest.raises(ConfigError, match="simclr"):
+        run_knn(load_config(None, ["device=cpu", "knn.combinations=[emb+simclr]", "features.objectives=[kl]"],
+                            schema=KnnConfig))
+    assert KnnConfig().knn.k == 20

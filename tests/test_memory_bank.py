@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hummingbird_fungi.memory.bank as mb
+import hummingbird_fungi.memory.build as mb
 from hummingbird_fungi.errors import BankMismatchError, DataError
 from hummingbird_fungi.features.base import PatchFeatures, select_patches
-from hummingbird_fungi.memory.bank import BankSpec, MemoryBank, build_memory_bank
+from hummingbird_fungi.memory.bank import MemoryBank
+from hummingbird_fungi.memory.build import BankSpec, build_memory_bank
 
 
 @dataclass
@@ -18,7 +19,7 @@ class FakeBackbone:
     """Just what the bank builder reads from a backbone."""
 
     name: str = "fake"
-    timm_name: str = "fake"
+    architecture: str = "fake"
     weights_id: str = "random"
     patch_size: int = 4
 
@@ -43,7 +44,7 @@ class PatchMeanFeatures(PatchFeatures):
         return {"scale": self.scale}
 
     def __call__(self, images, select=None, image_ids=None):
-        pooled = F.avg_pool2d(images, self.backbone.patch_size)  # (B, 3, h, w)
+        pooled = F.avg_pool2d(images, self.encoder.patch_size)  # (B, 3, h, w)
         feats = torch.cat([pooled, torch.full_like(pooled[:, :1], self.scale)], 1).flatten(2).transpose(1, 2)
         return F.normalize(select_patches(feats, select), dim=-1)
 
@@ -157,7 +158,7 @@ def test_partial_build_of_other_config_is_not_mixed(tmp_path, monkeypatch):
 
 
 def test_subsampling_an_unbounded_bank_equals_a_bounded_build():
-    from hummingbird_fungi.memory.bank import subsample_bank
+    from hummingbird_fungi.memory.build import subsample_bank
 
     extractor = PatchMeanFeatures(FakeBackbone())
     full = build_memory_bank(ToyDataset(), extractor, spec(memory_size=None))

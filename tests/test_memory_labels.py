@@ -2,7 +2,7 @@
 
 import torch
 
-from hummingbird_fungi.memory.bank import (label_aware_scores, patches_per_image, patchify_labels,
+from hummingbird_fungi.memory.labels import (label_aware_scores, patches_per_image, patchify_labels,
                                            sample_patches, soft_labels)
 
 # 4x4 mask, patch 2 -> 2x2 grid. Patches (row-major): p0 all 0, p1 all 0, p2 {0, 1}, p3 {2, void}.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hummingbird_fungi.errors import ConfigError
-from hummingbird_fungi.retrieval.indexes import Index, available_backends, build_index
+from hummingbird_fungi.retrieval.indexes import BACKENDS, Index, build_index
 
 DIM = 32
 
@@ -183,7 +183,7 @@ def test_scann_missing_raises_install_hint(monkeypatch):
 
 
 def test_registry_and_config_errors():
-    assert {"torch", "faiss", "faiss_ivfpq", "faiss_hnsw", "scann"} <= set(available_backends())
+    assert {"torch", "faiss", "faiss_ivfpq", "faiss_hnsw", "scann"} <= set(BACKENDS.names())
     with pytest.raises(ConfigError, match="nope.*faiss.*torch"):
         build_index("nope", DIM)
     with pytest.raises(ConfigError, match="'torch'.*memory_chunk"):

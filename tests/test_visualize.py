@@ -9,7 +9,7 @@ from PIL import Image
 
 from hummingbird_fungi.segment.demo_data import CLASS_NAMES, make_scene, write_demo_data
 from hummingbird_fungi.errors import ConfigError
-from hummingbird_fungi.segment.folders import demo_sources
+from hummingbird_fungi.cli.segment import demo_sources
 from hummingbird_fungi.segment.visualize import (VOID_COLOUR, colorize, overlay, overlay_grid, palette, plot_miou_vs_memory,
                                          plot_per_class_iou)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -24,9 +23,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="dotted overrides, e.g. data.root=DIR model.weights=FILE memory.size=null")
 
 
-def config_from_args(args: argparse.Namespace, defaults: dict | None = None) -> dict:
-    """Preset + overrides (+ --seed/--device) -> validated config dict."""
+def config_from_args(args: argparse.Namespace, schema: type | None = None):  # noqa: ANN201 - a schema instance
+    """Preset + overrides (+ --seed/--device) -> the validated, typed config (`HbirdConfig` by default)."""
     from hummingbird_fungi.config.loader import load_config
+    from hummingbird_fungi.config.schema import HbirdConfig
     from hummingbird_fungi.distributed import init_from_env
 
     overrides = list(args.overrides)
@@ -34,22 +34,19 @@ def config_from_args(args: argparse.Namespace, defaults: dict | None = None) -> 
         overrides.append(f"seed={args.seed}")
     if args.device is not None:
         overrides.append(f"device={args.device}")
-    config = load_config(args.config, overrides, defaults=defaults)
-    if "device" in config:
-        config["device"] = init_from_env(config["device"])
+    config = load_config(args.config, overrides, schema=schema or HbirdConfig)
+    config.device = init_from_env(config.device)
     return config
 
 
 def write_results(results: dict, out: Path | None) -> None:
-    """Write the results JSON (atomically) and log where."""
+    """Write the results JSON (strict, atomic) on the main rank and log where."""
     from hummingbird_fungi.distributed import is_main
-    from hummingbird_fungi.memory.bank import write_atomic
+    from hummingbird_fungi.fileio import write_json
 
     if out is None or not is_main():
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, (json.dumps(results, indent=2, default=str) + "\n").encode())
-    log.info("results written to %s", out)
+    log.info("results written to %s", write_json(out, results))
 
 
 def print_metrics(results: dict) -> None:
@@ -92,9 +89,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_knn(args: argparse.Namespace) -> None:
     """Image-level kNN classification with embeddings and FUNGI features."""
-    from hummingbird_fungi.eval.knn import KNN_DEFAULTS, format_table, run_knn
+    from hummingbird_fungi.config.schema import KnnConfig
+    from hummingbird_fungi.eval.knn_run import format_table, run_knn
 
-    results = run_knn(config_from_args(args, defaults=KNN_DEFAULTS))
+    results = run_knn(config_from_args(args, KnnConfig))
     print(format_table(results["results"]))
     write_results(results, args.out)
 
@@ -109,6 +107,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per stage."""
+    from hummingbird_fungi.cli.segment import add_segment_commands
+
     parser = argparse.ArgumentParser(prog="hbfungi", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,8 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
         child = sub.add_parser(name, help=help_text, description=help_text)
         add_config_args(child)
         child.set_defaults(func=func)
-    from hummingbird_fungi.segment.folders import add_segment_commands
-
     add_segment_commands(sub)
     return parser
 

@@ -1,69 +1,26 @@
-"""YAML presets with dotted `key=value` overrides, checked against the known keys."""
+"""YAML presets with dotted `key=value` overrides, turned into a validated, typed configuration."""
 
 from __future__ import annotations
 
 import copy
-import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
+from hummingbird_fungi.config.schema import HbirdConfig
+from hummingbird_fungi.config.typed import Section
 from hummingbird_fungi.errors import ConfigError
 
-# Keys whose values are free-form dicts passed to a component (validated there).
-FREE_FORM = {"features.fungi", "retrieval.options", "knn", "features.image"}
-
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "device": "auto",
-    "model": {"name": "dino_vits16", "weights": None, "pretrained": True, "input_size": [512, 512]},
-    "data": {
-        "kind": "voc",
-        "root": None,
-        "train_split": "trainaug",
-        "eval_split": "val",
-        "train_file_set": None,
-        "eval_file_set": None,
-        "max_train_images": None,
-        "max_eval_images": None,
-        "normalize": "reference",
-        "eval_resolution": "input",
-        "batch_size": 4,
-        "num_workers": 2,
-    },
-    "features": {
-        "kind": "embeddings",
-        "fungi": {},
-        "support": {"size": 102400, "augmentation_epochs": 1},
-    },
-    "memory": {
-        "size": 102400,
-        "augmentation_epochs": 1,
-        "augment": True,
-        "sampling": "label_aware",
-        "void": "auto",
-        "dtype": "float16",
-        "label_dtype": "float16",
-        "shard_images": 256,
-        "path": None,
-    },
-    "retrieval": {"backend": "torch", "k": 30, "options": {}},
-    "transfer": {"temperature": 0.02, "rescore": True, "rerank": 0, "class_chunk": 32},
-}
+C = TypeVar("C", bound=Section)
 
 
-def deep_merge(base: dict, update: dict, prefix: str = "", strict: bool = True) -> dict:
-    """Return `base` updated recursively by `update`; unknown keys raise ConfigError if strict."""
+def deep_merge(base: dict, update: dict) -> dict:
+    """`base` updated recursively by `update` (mappings merge, other values replace)."""
     out = copy.deepcopy(base)
     for key, value in update.items():
-        path = f"{prefix}{key}"
-        if strict and key not in out:
-            close = difflib.get_close_matches(key, list(out), n=3)
-            hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
-            raise ConfigError(f"unknown config key {path!r}{hint}")
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value, prefix=path + ".", strict=strict and path not in FREE_FORM)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -91,34 +48,30 @@ def nest(keys: list[str], value: Any) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                defaults: dict | None = None) -> dict:
-    """Defaults, then the YAML preset at `path`, then each dotted override, validated."""
-    config = copy.deepcopy(DEFAULTS if defaults is None else defaults)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            preset = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"cannot parse config file {path}: {exc}") from exc
-        if not isinstance(preset, dict):
-            raise ConfigError(f"config file {path} must hold a mapping")
-        config = deep_merge(config, preset)
+def overrides_to_dict(overrides: list[str] | None) -> dict:
+    """Dotted `key=value` overrides -> one nested dict (later ones win)."""
+    out: dict = {}
     for text in overrides or []:
-        keys, value = parse_override(text)
-        config = deep_merge(config, nest(keys, value))
-    return config
+        out = deep_merge(out, nest(*parse_override(text)))
+    return out
 
 
-def input_size(value: Any) -> tuple[int, int]:
-    """Normalise `model.input_size` (int, [H, W] or 'WxH' string) to (H, W)."""
-    if isinstance(value, int):
-        return value, value
-    if isinstance(value, str) and "x" in value:
-        width, height = value.lower().split("x", 1)
-        return int(height), int(width)
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return int(value[0]), int(value[1])
-    raise ConfigError(f"model.input_size must be an int, [H, W] or 'WxH', got {value!r}")
+def read_preset(path: str | Path) -> dict:
+    """The mapping of a YAML preset file, with errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        preset = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from exc
+    if not isinstance(preset, dict):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    return preset
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                schema: type[C] = HbirdConfig) -> C:  # type: ignore[assignment]
+    """The schema's defaults, then the YAML preset at `path`, then each dotted override; checked."""
+    given = read_preset(path) if path is not None else {}
+    return schema.from_mapping(deep_merge(given, overrides_to_dict(overrides)))

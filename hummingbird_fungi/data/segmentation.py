@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,10 @@ import yaml
 from PIL import Image
 
 from hummingbird_fungi.errors import ConfigError, DataError
-from hummingbird_fungi.data.transforms import TrainTransform, read_image, read_mask, sample_seed
+from hummingbird_fungi.data.subsets import random_subset
+from hummingbird_fungi.registry import Registry
+from hummingbird_fungi.runtime import generator
+from hummingbird_fungi.data.transforms import TrainTransform, read_image, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +98,20 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Number of samples."""
         return len(self.samples)
 
+    def with_transform(self, transform: Callable | None, keep_original_mask: bool = False) -> "SegmentationDataset":
+        """A shallow copy serving the same samples through `transform` (the original is unchanged)."""
+        out = copy.copy(self)
+        out.transform, out.keep_original_mask, out.epoch = transform, keep_original_mask, 0
+        return out
+
+    def subset(self, count: int | None, seed: int) -> "SegmentationDataset":
+        """A shallow copy with a seeded random subset of `count` samples, kept in order (all when None or more)."""
+        if count is None or count >= len(self):
+            return self
+        out = copy.copy(self)
+        out.samples = [self.samples[i] for i in random_subset(len(self), count, seed)]
+        return out
+
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation epoch (train transforms draw from (seed, epoch, index))."""
         self.epoch = epoch
@@ -116,7 +134,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if isinstance(self.transform, TrainTransform):
             if mask is None:
                 raise DataError(f"image {self.samples[index][0]} has no mask; the train transform needs one")
-            rng = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+            rng = generator(self.seed, self.epoch, index)
             return self.transform(image, mask, rng)
         if self.transform is not None:
             return self.transform(image, mask)
@@ -329,14 +347,13 @@ def folder_dataset(root: str | Path, split: str, file_set: str | Path | None = N
     return SegmentationDataset(samples, info, source=f"dataset root {root} split {split!r}", **kw)
 
 
-_BUILDERS: dict[str, Callable[..., SegmentationDataset]] = {
-    "voc": voc_dataset, "ade20k": ade20k_dataset, "folder": folder_dataset,
-}
+SEGMENTATION_DATASETS: Registry[Callable[..., SegmentationDataset]] = Registry("dataset kind")
+SEGMENTATION_DATASETS.register("voc")(voc_dataset)
+SEGMENTATION_DATASETS.register("ade20k")(ade20k_dataset)
+SEGMENTATION_DATASETS.register("folder")(folder_dataset)
 
 
 def build_dataset(kind: str, root: str | Path, split: str, file_set: str | Path | None = None,
                   **kw: Any) -> SegmentationDataset:
     """The dataset of `kind` ('voc', 'ade20k', 'folder'); keywords go to SegmentationDataset."""
-    if kind not in _BUILDERS:
-        raise ConfigError(f"unknown dataset kind {kind!r}; expected one of {sorted(_BUILDERS)}")
-    return _BUILDERS[kind](root, split, file_set=file_set, **kw)
+    return SEGMENTATION_DATASETS.get(kind)(root, split, file_set=file_set, **kw)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -103,12 +102,6 @@ def read_mask(path: str | Path) -> np.ndarray:
         raise DataError(f"mask {path} has mode {mode} ({mask.shape[-1] if mask.ndim == 3 else 1} channels); "
                         f"masks must be single-channel class-id images (L, P or 16-bit)")
     return mask.astype(np.int64)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed depending only on (seed, epoch, image index), not on worker or visiting order."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def _uniform(rng: torch.Generator, low: float, high: float) -> float:

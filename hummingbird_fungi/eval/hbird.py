@@ -1,147 +1,123 @@
-"""The Hummingbird protocol end to end: build a memory bank, evaluate retrieval segmentation."""
+"""The Hummingbird evaluation of any encoder: fill a memory bank, retrieve, transfer labels, score.
+
+`evaluate` is the typed entry point (an encoder, two datasets, option sections); the command
+line, `InContextSegmenter` and `hbird_evaluation` (open-hummingbird-eval's signature) all call
+the functions here. The protocol itself is described in docs/protocol.md.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from hummingbird_fungi import __version__
-from hummingbird_fungi.models.backbones import Backbone, load_backbone
-from hummingbird_fungi.config.loader import input_size
+from hummingbird_fungi.config.schema import (
+    DataOptions,
+    FeatureOptions,
+    HbirdConfig,
+    MemoryOptions,
+    RetrievalOptions,
+    TransferOptions,
+    check_device,
+    parse_size,
+)
 from hummingbird_fungi.data.segmentation import SegmentationDataset, build_dataset, collate
+from hummingbird_fungi.data.transforms import EvalTransform, TrainTransform
 from hummingbird_fungi.distributed import rank_and_world
 from hummingbird_fungi.errors import ConfigError
-from hummingbird_fungi.features import PatchFeatures, build_patch_features
-from hummingbird_fungi.features.embeddings import EmbeddingFeatures
-from hummingbird_fungi.retrieval.transfer import LabelTransfer, predict_masks
-from hummingbird_fungi.memory.bank import BankSpec, MemoryBank, build_memory_bank
 from hummingbird_fungi.eval.metrics import ConfusionMatrix, summarize
-from hummingbird_fungi.data.transforms import EvalTransform, TrainTransform
+from hummingbird_fungi.features import EmbeddingFeatures, PatchFeatures, build_patch_features
+from hummingbird_fungi.memory.bank import MemoryBank
+from hummingbird_fungi.memory.build import BankSpec, build_memory_bank
+from hummingbird_fungi.models.encoders import Encoder, create_encoder
+from hummingbird_fungi.retrieval.indexes import check_index_options
+from hummingbird_fungi.retrieval.transfer import LabelTransfer, predict_masks
+from hummingbird_fungi.runtime import resolve_device, timed
 
 log = logging.getLogger(__name__)
 
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch's global RNG (per-image randomness is seeded separately, per image)."""
-    torch.manual_seed(seed)
+DEFAULT_GRID = 32  # patches per side when no input size is given (the reference's 1,024 patches)
+# open-hummingbird-eval dataset names -> (our dataset kind, memory split, evaluation split)
+OHE_DATASETS = {"voc": ("voc", "trainaug", "val"), "ade20k": ("ade20k", "training", "validation")}
+# open-hummingbird-eval ScaNN parameter names -> ours
+OHE_SCANN_PARAMS = {"num_reordering_candidates": "reorder", "anisotropic_quantization_threshold": "aq_threshold",
+                    "dimensions_per_block": "dims_per_block"}
 
 
-@contextmanager
-def timed(timings: dict[str, float], name: str) -> Iterator[None]:
-    """Add the wall-clock seconds of the block to timings[name]."""
-    start = time.perf_counter()
-    yield
-    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+# --------------------------------------------------------------------------- building blocks
 
 
-def make_backbone(config: dict, device: torch.device) -> Backbone:
-    """The backbone named in `model`, with hub or local weights."""
-    model = config["model"]
-    return load_backbone(model["name"], weights=model["weights"], pretrained=model["pretrained"], device=device)
+def input_size_for(encoder: Encoder, size: Any) -> tuple[int, int]:
+    """(H, W) from an int, [H, W] or 'WxH' (default: 32 x 32 patches), checked against the patch size."""
+    height, width = (DEFAULT_GRID * encoder.patch_size,) * 2 if size is None else parse_size(size)
+    encoder.grid_size(height, width)
+    return int(height), int(width)
 
 
-def make_dataset(config: dict, split_key: str, train: bool) -> SegmentationDataset:
-    """The train (memory) or eval split of `data`, with its transform."""
-    data = config["data"]
-    if data["root"] is None:
-        raise ConfigError("data.root is not set; pass data.root=DIR")
-    size = input_size(config["model"]["input_size"])
-    split = data[f"{split_key}_split"]
-    file_set = data[f"{split_key}_file_set"]
-    memory = config["memory"]
-    if train:
-        transform = TrainTransform(size, normalize=data["normalize"], jitter=memory["augment"],
-                                   crop=memory["augment"])
-    else:
-        transform = EvalTransform(size, normalize=data["normalize"])
-    dataset = build_dataset(data["kind"], data["root"], split, file_set=file_set, transform=transform,
-                            seed=config["seed"],
-                            keep_original_mask=(not train and data["eval_resolution"] == "original"))
-    limit = data[f"max_{split_key}_images"]
-    if limit is not None and limit < len(dataset):
-        dataset.samples = dataset.samples[:limit]
-    return dataset
+def memory_transform(size: tuple[int, int], normalize: str, memory: MemoryOptions) -> TrainTransform:
+    """The memory-bank transform: train augmentation when `memory.augment`, else a plain resize."""
+    return TrainTransform(size, normalize=normalize, jitter=memory.augment, crop=memory.augment)
 
 
-def bank_spec(config: dict, dataset: SegmentationDataset, section: dict | None = None) -> BankSpec:
-    """BankSpec from the `memory` section (or a support-bank section overriding size/epochs)."""
-    memory = config["memory"]
-    void = memory["void"]
-    if void not in ("auto", "background", "ignore"):
-        raise ConfigError(f"memory.void must be auto, background or ignore, got {void!r}")
-    section = section or {}
+def bank_spec(memory: MemoryOptions, dataset: SegmentationDataset, seed: int, size: int | None | str = "memory",
+              epochs: int | None = None) -> BankSpec:
+    """How to fill a bank from `memory` (size and epochs overridable, e.g. for the FUNGI support bank)."""
+    void = memory.void
     return BankSpec(
-        memory_size=section.get("size", memory["size"]),
-        epochs=section.get("augmentation_epochs", memory["augmentation_epochs"]),
-        sampling=memory["sampling"],
+        memory_size=memory.size if size == "memory" else size,  # type: ignore[arg-type]
+        epochs=memory.augmentation_epochs if epochs is None else epochs, sampling=memory.sampling,
         void_to_background=dataset.info.void_to_background if void == "auto" else void == "background",
-        dtype=memory["dtype"], label_dtype=memory["label_dtype"], shard_images=memory["shard_images"],
-        seed=config["seed"])
+        dtype=memory.dtype, label_dtype=memory.label_dtype, shard_images=memory.shard_images, seed=seed)
 
 
-def data_manifest(config: dict) -> dict:
-    """What in `data` defines the memory images (recorded in the bank manifest)."""
-    data = config["data"]
-    return {"kind": data["kind"], "root": str(data["root"]), "split": data["train_split"],
-            "file_set": data["train_file_set"], "max_images": data["max_train_images"],
-            "normalize": data["normalize"], "augment": config["memory"]["augment"]}
-
-
-def make_extractor(config: dict, backbone: Backbone, train_set: SegmentationDataset, device: torch.device,
-                   timings: dict[str, float]) -> PatchFeatures:
-    """The patch feature extractor of `features`, with its support set built if it needs one."""
-    features = config["features"]
-    options = features["fungi"] if features["kind"] == "fungi" else {}
-    extractor = build_patch_features(features["kind"], backbone, options)
+def make_extractor(encoder: Encoder, features: FeatureOptions, train_set: SegmentationDataset,
+                   memory: MemoryOptions, data: DataOptions, device: torch.device, seed: int,
+                   timings: dict[str, float] | None = None) -> PatchFeatures:
+    """The patch feature extractor of `features`, with its support set built when it needs one."""
+    extractor = build_patch_features(features.kind, encoder, features.fungi)
     if extractor.needs_support:
         with timed(timings, "support_bank_s"):
-            spec = bank_spec(config, train_set, features["support"])
-            support = build_memory_bank(train_set, EmbeddingFeatures(backbone), spec,
-                                        batch_size=config["data"]["batch_size"], device=device,
-                                        num_workers=config["data"]["num_workers"], distributed=False)
+            spec = bank_spec(memory, train_set, seed, features.support.size, features.support.augmentation_epochs)
+            support = build_memory_bank(train_set, EmbeddingFeatures(encoder), spec, batch_size=data.batch_size,
+                                        device=device, num_workers=data.num_workers, distributed=False)
             extractor.set_support(torch.from_numpy(np.concatenate(support.feature_blocks)).float(),
                                   image_ids=support.row_images())
     return extractor
 
 
-def build_memory(config: dict, backbone: Backbone | None = None, timings: dict | None = None,
-                 path: str | Path | None = None) -> tuple[MemoryBank, PatchFeatures]:
-    """Build (or resume) the memory bank described by `config`; saved when a path is given."""
-    timings = {} if timings is None else timings
-    device = resolve_device(config["device"])
-    seed_everything(config["seed"])
-    with timed(timings, "load_backbone_s"):
-        backbone = backbone or make_backbone(config, device)
-    train_set = make_dataset(config, "train", train=True)
-    extractor = make_extractor(config, backbone, train_set, device, timings)
+def build_memory(encoder: Encoder, train_set: SegmentationDataset, *, input_size: tuple[int, int],
+                 features: FeatureOptions, memory: MemoryOptions, data: DataOptions, device: torch.device,
+                 seed: int, timings: dict[str, float] | None = None,
+                 manifest_extra: dict | None = None) -> tuple[MemoryBank, PatchFeatures]:
+    """The memory bank of `train_set` (loaded from memory.path when it exists, else built, and saved there)."""
+    torch.manual_seed(seed)
+    train_set = train_set.with_transform(memory_transform(input_size, data.normalize, memory))
+    extractor = make_extractor(encoder, features, train_set, memory, data, device, seed, timings)
+    path = memory.path
+    if path is not None and Path(path).exists():
+        with timed(timings, "load_memory_s"):
+            bank = MemoryBank.load(path, expect_features=extractor.manifest())
+        log.info("loaded memory bank %s (%d rows, built from %s)", path, bank.count, bank.manifest.get("dataset"))
+        return bank, extractor
     with timed(timings, "build_memory_s"):
-        bank = build_memory_bank(train_set, extractor, bank_spec(config, train_set), path=path,
-                                 manifest_extra={"data": data_manifest(config)},
-                                 batch_size=config["data"]["batch_size"],
-                                 num_workers=config["data"]["num_workers"], device=device)
+        bank = build_memory_bank(train_set, extractor, bank_spec(memory, train_set, seed), path=path,
+                                 manifest_extra=manifest_extra, batch_size=data.batch_size,
+                                 num_workers=data.num_workers, device=device)
     return bank, extractor
 
 
-def make_transfer(config: dict, bank: MemoryBank) -> LabelTransfer:
-    """The label transfer of the `retrieval` and `transfer` sections over `bank`."""
-    retrieval, transfer = config["retrieval"], config["transfer"]
-    return LabelTransfer.from_bank(bank, retrieval["backend"], k=retrieval["k"], temperature=transfer["temperature"],
-                                   rescore=transfer["rescore"], rerank=transfer["rerank"], **retrieval["options"])
+def make_transfer(bank: MemoryBank, retrieval: RetrievalOptions, transfer: TransferOptions) -> LabelTransfer:
+    """The label transfer of `retrieval` and `transfer` over `bank`."""
+    return LabelTransfer.from_bank(bank, retrieval.backend, k=retrieval.k, temperature=transfer.temperature,
+                                   rescore=transfer.rescore, rerank=transfer.rerank, **retrieval.options)
 
 
 def metric_summary(cm: ConfusionMatrix, class_names: Sequence[str], ignore_index: int | None) -> dict:
@@ -150,35 +126,33 @@ def metric_summary(cm: ConfusionMatrix, class_names: Sequence[str], ignore_index
     return summarize(cm, class_names, exclude=exclude)
 
 
-def evaluate_bank(config: dict, bank: MemoryBank, extractor: PatchFeatures, timings: dict) -> dict:
-    """Segment the eval split with `bank` and return the metric summary."""
-    device = resolve_device(config["device"])
-    eval_set = make_dataset(config, "eval", train=False)
-    if list(input_size(config["model"]["input_size"])) != bank.manifest["input_size"]:
-        log.warning("evaluating at input size %s with a bank built at %s",
-                    input_size(config["model"]["input_size"]), bank.manifest["input_size"])
+def evaluate_bank(extractor: PatchFeatures, bank: MemoryBank, eval_set: SegmentationDataset, *,
+                  input_size: tuple[int, int], retrieval: RetrievalOptions, transfer: TransferOptions,
+                  data: DataOptions, device: torch.device, timings: dict[str, float] | None = None) -> dict:
+    """Segment `eval_set` with `bank` and return the metric summary."""
+    timings = {} if timings is None else timings
+    original = data.eval_resolution == "original"
+    eval_set = eval_set.with_transform(EvalTransform(input_size, normalize=data.normalize),
+                                       keep_original_mask=original)
+    if list(input_size) != bank.manifest["input_size"]:
+        log.warning("evaluating at input size %s with a bank built at %s", list(input_size), bank.manifest["input_size"])
     info = eval_set.info
     if info.num_classes != bank.num_classes:
         raise ConfigError(f"eval dataset {info.name} has {info.num_classes} classes but the memory bank "
                           f"has {bank.num_classes}")
     with timed(timings, "build_index_s"):
-        transfer = make_transfer(config, bank)
+        label_transfer = make_transfer(bank, retrieval, transfer)
     rank, world = rank_and_world()
     part = torch.utils.data.Subset(eval_set, range(rank, len(eval_set), world))
-    loader = torch.utils.data.DataLoader(part, batch_size=config["data"]["batch_size"],
-                                         num_workers=config["data"]["num_workers"], collate_fn=collate)
+    loader = torch.utils.data.DataLoader(part, batch_size=data.batch_size, num_workers=data.num_workers,
+                                         collate_fn=collate)
     cm = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
-    original = config["data"]["eval_resolution"] == "original"
-    if config["data"]["eval_resolution"] not in ("input", "original"):
-        raise ConfigError(f"data.eval_resolution must be input or original, "
-                          f"got {config['data']['eval_resolution']!r}")
+    grid = extractor.encoder.grid_size(*input_size)
     with timed(timings, "evaluate_s"):
         for batch in tqdm(loader, desc="evaluate", unit="batch", disable=rank != 0):
-            images = batch["image"].to(device)
-            grid = extractor.backbone.grid_size(*images.shape[-2:])
             targets = batch["original_mask"] if original else list(batch["mask"])
-            preds = predict_masks(transfer, extractor(images), grid, [tuple(t.shape) for t in targets],
-                                  config["transfer"]["class_chunk"])
+            preds = predict_masks(label_transfer, extractor(batch["image"].to(device)), grid,
+                                  [tuple(t.shape) for t in targets], transfer.class_chunk)
             for pred, target in zip(preds, targets):
                 cm.update(pred, target)
     cm.all_reduce()
@@ -186,6 +160,14 @@ def evaluate_bank(config: dict, bank: MemoryBank, extractor: PatchFeatures, timi
     summary["num_eval_images"] = len(eval_set)
     summary["eval_images_per_s"] = len(eval_set) / max(timings["evaluate_s"], 1e-9)
     return summary
+
+
+def bank_summary(bank: MemoryBank) -> dict[str, Any]:
+    """Size facts of a bank for results files."""
+    return {"rows": bank.count, "dim": bank.dim, "num_classes": bank.num_classes,
+            "patches_per_image": bank.manifest.get("patches_per_image"),
+            "num_images": bank.manifest.get("num_images"),
+            "bytes": int(sum(b.nbytes for b in bank.feature_blocks) + sum(b.nbytes for b in bank.label_blocks))}
 
 
 def versions() -> dict[str, str]:
@@ -198,54 +180,164 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def bank_summary(bank: MemoryBank) -> dict[str, Any]:
-    """Size facts of a bank for results files."""
-    return {"rows": bank.count, "dim": bank.dim, "num_classes": bank.num_classes,
-            "patches_per_image": bank.manifest.get("patches_per_image"),
-            "num_images": bank.manifest.get("num_images"),
-            "bytes": int(sum(b.nbytes for b in bank.feature_blocks) + sum(b.nbytes for b in bank.label_blocks))}
+# --------------------------------------------------------------------------- the typed entry point
 
 
-def load_or_build(config: dict, timings: dict) -> tuple[MemoryBank, PatchFeatures]:
-    """Reuse the bank at memory.path when it exists (refusing a mismatched one), else build it."""
-    path = config["memory"]["path"]
-    if path is not None and Path(path).exists():
-        device = resolve_device(config["device"])
-        with timed(timings, "load_backbone_s"):
-            backbone = make_backbone(config, device)
-        train_set = make_dataset(config, "train", train=True)
-        extractor = make_extractor(config, backbone, train_set, device, timings)
-        with timed(timings, "load_memory_s"):
-            bank = MemoryBank.load(path, expect_features=extractor.manifest())
-        log.info("loaded memory bank %s (%d rows, built from %s)", path, bank.count, bank.manifest.get("dataset"))
-        return bank, extractor
-    return build_memory(config, timings=timings, path=path)
+def evaluate(encoder: Any, train_data: SegmentationDataset, eval_data: SegmentationDataset, *,
+             input_size: Any = None, memory: MemoryOptions | None = None, features: FeatureOptions | None = None,
+             retrieval: RetrievalOptions | None = None, transfer: TransferOptions | None = None,
+             normalize: str = "reference", eval_resolution: str = "input", batch_size: int = 4,
+             num_workers: int = 0, device: str = "auto", seed: int = 0,
+             manifest_extra: dict | None = None) -> dict[str, Any]:
+    """Hummingbird evaluation of `encoder` (an Encoder or any module `create_encoder` takes).
 
-
-def run_hbird(config: dict) -> dict:
-    """Build (or load) the memory bank, evaluate, and return the results dictionary."""
+    The memory bank is filled from `train_data` and `eval_data` is segmented and scored; both are
+    segmentation datasets (`build_dataset`), transforms are set here. `input_size` is (H, W), an
+    int or 'WxH' (default 32 x 32 patches). Returns the metric summary (`miou`, `miou_reference`,
+    `per_class_iou`, ...) with the bank's size (`memory`), the feature manifest and `timings`.
+    """
+    memory, features = memory or MemoryOptions(), features or FeatureOptions()
+    retrieval, transfer = retrieval or RetrievalOptions(), transfer or TransferOptions()
+    data = DataOptions(normalize=normalize, eval_resolution=eval_resolution, batch_size=batch_size,  # type: ignore
+                       num_workers=num_workers)
+    problem = check_device(device) if isinstance(device, str) else None
+    if problem:
+        raise ConfigError(f"device={device!r}: {problem}")
+    check_index_options(retrieval.backend, retrieval.options)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    bank, extractor = load_or_build(config, timings)
-    summary = evaluate_bank(config, bank, extractor, timings)
+    device_ = resolve_device(device)
+    with timed(timings, "load_backbone_s"):
+        encoder = create_encoder(encoder).to(device_)
+    size = input_size_for(encoder, input_size)
+    bank, extractor = build_memory(encoder, train_data, input_size=size, features=features, memory=memory,
+                                   data=data, device=device_, seed=seed, timings=timings,
+                                   manifest_extra=manifest_extra)
+    summary = evaluate_bank(extractor, bank, eval_data, input_size=size, retrieval=retrieval, transfer=transfer,
+                            data=data, device=device_, timings=timings)
     timings["total_s"] = time.perf_counter() - start
-    return {**summary, "memory": bank_summary(bank), "features": extractor.manifest(),
-            "config": config, "timings": timings, "versions": versions()}
+    return {**summary, "memory": bank_summary(bank), "features": extractor.manifest(), "timings": timings}
 
 
-def run_build_memory(config: dict) -> dict:
-    """Build the memory bank at memory.path and return a small report."""
-    if config["memory"]["path"] is None:
+# --------------------------------------------------------------------------- open-hummingbird-eval's signature
+
+
+def hbird_evaluation(model: Any, d_model: int, patch_size: int, dataset_name: str, data_dir: str,
+                     batch_size: int = 64, input_size: int = 224, augmentation_epoch: int = 1,
+                     device: str = "cpu", return_knn_details: bool = False, n_neighbours: int = 30,
+                     nn_method: str = "scann", nn_params: dict[str, Any] | None = None,
+                     ftr_extr_fn: Callable | None = None, memory_size: int | None = None, num_workers: int = 8,
+                     ignore_index: int = 255, train_fs_path: str | None = None, val_fs_path: str | None = None,
+                     **options: Any) -> float | tuple[float, dict[str, Any]]:
+    """open-hummingbird-eval's `hbird_evaluation` (same argument names and meanings) on this toolkit.
+
+    Returns the mIoU in the public code's mode (Hungarian matching, mean over all classes:
+    `miou_reference`), or (mIoU, details) with `return_knn_details`, details being the full
+    results of `evaluate` (including the standard `miou`). `dataset_name` is 'voc', 'ade20k', or
+    a folder dataset given as 'folder' (splits `train`/`val`). `nn_method` 'scann' falls back to
+    exact search when ScaNN is not installed. Keywords of `evaluate` (features=, transfer=,
+    normalize=, seed=, ...) and `train_split=`/`eval_split=` pass through.
+    """
+    encoder = (create_encoder(model, feature_fn=ftr_extr_fn, patch_size=patch_size, embed_dim=d_model)
+               if ftr_extr_fn is not None else create_encoder(model))
+    if (encoder.patch_size, encoder.embed_dim) != (patch_size, d_model):
+        raise ConfigError(f"the model has patch size {encoder.patch_size} and dimension {encoder.embed_dim}, "
+                          f"not patch_size={patch_size}, d_model={d_model}")
+    kind, train_split, eval_split = OHE_DATASETS.get(dataset_name, (dataset_name, "train", "val"))
+    train_split, eval_split = options.pop("train_split", train_split), options.pop("eval_split", eval_split)
+    seed = options.get("seed", 0)
+    train_data = build_dataset(kind, data_dir, train_split, file_set=train_fs_path, seed=seed)
+    eval_data = build_dataset(kind, data_dir, eval_split, file_set=val_fs_path, seed=seed)
+    if ignore_index != 255 and ignore_index != eval_data.info.ignore_index:
+        eval_data.info = dataclasses.replace(eval_data.info, ignore_index=ignore_index)
+    memory = dataclasses.replace(options.pop("memory", None) or MemoryOptions(), size=memory_size,
+                                 augmentation_epochs=augmentation_epoch)
+    retrieval = RetrievalOptions(backend=_ohe_backend(nn_method), k=n_neighbours,
+                                 options={OHE_SCANN_PARAMS.get(k, k): v for k, v in (nn_params or {}).items()}
+                                 if nn_method == "scann" and _ohe_backend(nn_method) == "scann" else
+                                 dict(nn_params or {}) if _ohe_backend(nn_method) == nn_method else {})
+    results = evaluate(encoder, train_data, eval_data, input_size=input_size, memory=memory, retrieval=retrieval,
+                       batch_size=batch_size, num_workers=num_workers, device=device, **options)
+    return (results["miou_reference"], results) if return_knn_details else results["miou_reference"]
+
+
+def _ohe_backend(nn_method: str) -> str:
+    """Our retrieval backend for an open-hummingbird-eval `nn_method` ('scann' needs the optional package)."""
+    if nn_method == "scann":
+        try:
+            import scann  # noqa: F401
+        except ImportError:
+            log.warning("nn_method='scann' but ScaNN is not installed: using exact search (backend torch)")
+            return "torch"
+    return nn_method
+
+
+# --------------------------------------------------------------------------- the command line's runs
+
+
+def config_dataset(config: HbirdConfig, which: str) -> SegmentationDataset:
+    """The memory ('train') or evaluation ('eval') dataset of `config.data` (a seeded subset when limited)."""
+    data = config.data
+    if data.root is None:
+        raise ConfigError("data.root is not set; pass data.root=DIR")
+    dataset = build_dataset(data.kind, data.root, getattr(data, f"{which}_split"),
+                            file_set=getattr(data, f"{which}_file_set"), seed=config.seed)
+    return dataset.subset(getattr(data, f"max_{which}_images"), config.seed)
+
+
+def config_encoder(config: HbirdConfig, device: torch.device) -> Encoder:
+    """The named backbone of `config.model` with its weights (a random init drawn from the run seed)."""
+    from hummingbird_fungi.models.backbones import load_backbone
+
+    model = config.model
+    torch.manual_seed(config.seed)
+    return load_backbone(model.name, weights=model.weights, pretrained=model.pretrained, device=device)
+
+
+def data_manifest(config: HbirdConfig) -> dict:
+    """What in `data` defines the memory images (recorded in the bank manifest)."""
+    data = config.data
+    return {"kind": data.kind, "root": str(data.root), "split": data.train_split, "file_set": data.train_file_set,
+            "max_images": data.max_train_images, "normalize": data.normalize, "augment": config.memory.augment}
+
+
+def run_hbird(config: HbirdConfig) -> dict:
+    """`hbfungi hbird`: the evaluation the config describes, with the config and versions recorded."""
+    check_index_options(config.retrieval.backend, config.retrieval.options)
+    train, evaluation = config_dataset(config, "train"), config_dataset(config, "eval")
+    data = config.data
+    results = evaluate(config_encoder(config, resolve_device(config.device)), train, evaluation,
+                       input_size=config.model.input_size, memory=config.memory, features=config.features,
+                       retrieval=config.retrieval, transfer=config.transfer, normalize=data.normalize,
+                       eval_resolution=data.eval_resolution, batch_size=data.batch_size,
+                       num_workers=data.num_workers, device=config.device, seed=config.seed,
+                       manifest_extra={"data": data_manifest(config)})
+    return {**results, "config": config.to_dict(), "versions": versions()}
+
+
+def run_build_memory(config: HbirdConfig) -> dict:
+    """`hbfungi build-memory`: build the bank at memory.path and return a small report."""
+    path = config.memory.path
+    if path is None:
         raise ConfigError("memory.path is not set; pass memory.path=DIR to save the bank")
+    if Path(path).exists():
+        raise ConfigError(f"memory.path {path} already exists; remove it or choose another path")
+    train = config_dataset(config, "train")
+    device = resolve_device(config.device)
     timings: dict[str, float] = {}
-    bank, extractor = build_memory(config, timings=timings, path=config["memory"]["path"])
-    return {"memory": bank_summary(bank), "features": extractor.manifest(), "path": config["memory"]["path"],
-            "config": config, "timings": timings, "versions": versions()}
+    with timed(timings, "load_backbone_s"):
+        encoder = config_encoder(config, device)
+    size = input_size_for(encoder, config.model.input_size)
+    bank, extractor = build_memory(encoder, train, input_size=size, features=config.features, memory=config.memory,
+                                   data=config.data, device=device, seed=config.seed, timings=timings,
+                                   manifest_extra={"data": data_manifest(config)})
+    return {"memory": bank_summary(bank), "features": extractor.manifest(), "path": path,
+            "config": config.to_dict(), "timings": timings, "versions": versions()}
 
 
-def run_evaluate(config: dict) -> dict:
-    """Evaluate with an existing bank at memory.path."""
-    path = config["memory"]["path"]
+def run_evaluate(config: HbirdConfig) -> dict:
+    """`hbfungi evaluate`: evaluate with the existing bank at memory.path."""
+    path = config.memory.path
     if path is None or not Path(path).exists():
         raise ConfigError(f"memory.path {path!r} does not hold a memory bank; run build-memory first")
     return run_hbird(config)

@@ -1,33 +1,34 @@
-"""Feature extractors, looked up by kind (`features.kind` in configs)."""
+"""Patch features: the interface (`PatchFeatures`), plain embeddings, patch and image FUNGI, their
+losses, gradient capture and projections, and the on-disk feature cache.
+
+`build_patch_features(kind, encoder, options)` creates the extractor named by `features.kind`.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
-from hummingbird_fungi.errors import ConfigError
+from hummingbird_fungi.config.schema import FungiOptions
 from hummingbird_fungi.features.base import PatchFeatures
 from hummingbird_fungi.features.embeddings import EmbeddingFeatures
+from hummingbird_fungi.features.fungi_patch import FungiPatchFeatures
+from hummingbird_fungi.models.encoders import Encoder
+from hummingbird_fungi.registry import Registry
 
-if TYPE_CHECKING:
-    from hummingbird_fungi.models.backbones import Backbone
-
-_REGISTRY: dict[str, Callable[..., PatchFeatures]] = {"embeddings": EmbeddingFeatures}
-
-
-def register(kind: str, factory: Callable[..., PatchFeatures]) -> None:
-    """Make a feature extractor available under `kind`."""
-    _REGISTRY[kind] = factory
+PATCH_FEATURES: Registry[type[PatchFeatures]] = Registry("features.kind")
+PATCH_FEATURES.register("embeddings")(EmbeddingFeatures)
+PATCH_FEATURES.register("fungi")(FungiPatchFeatures)
 
 
-def build_patch_features(kind: str, backbone: "Backbone", options: dict[str, Any] | None = None) -> PatchFeatures:
-    """Create the patch feature extractor `kind` on `backbone` with its options."""
-    if kind not in _REGISTRY:
-        raise ConfigError(f"unknown features.kind {kind!r}; choose one of {sorted(_REGISTRY)}")
-    return _REGISTRY[kind](backbone, **(options or {}))
+def build_patch_features(kind: str, encoder: Encoder, options: FungiOptions | dict[str, Any] | None = None
+                         ) -> PatchFeatures:
+    """The patch feature extractor `kind` on `encoder`; `options` only for kinds that take them (fungi)."""
+    factory = PATCH_FEATURES.get(kind)
+    if factory is EmbeddingFeatures:
+        return EmbeddingFeatures(encoder)
+    if isinstance(options, dict):
+        return factory(encoder, **options)
+    return factory(encoder, options)
 
 
-__all__ = ["PatchFeatures", "EmbeddingFeatures", "build_patch_features", "register"]
-
-from hummingbird_fungi.features.fungi_patch import FungiPatchFeatures  # noqa: E402
-
-register("fungi", FungiPatchFeatures)
+__all__ = ["PATCH_FEATURES", "PatchFeatures", "EmbeddingFeatures", "FungiPatchFeatures", "build_patch_features"]

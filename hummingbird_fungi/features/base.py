@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from hummingbird_fungi.models.backbones import Backbone
+from hummingbird_fungi.models.encoders import Encoder
 
 
 class PatchFeatures(abc.ABC):
@@ -20,8 +19,8 @@ class PatchFeatures(abc.ABC):
 
     kind: str = ""
 
-    def __init__(self, backbone: "Backbone") -> None:
-        self.backbone = backbone
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
 
     @property
     @abc.abstractmethod
@@ -50,9 +49,9 @@ class PatchFeatures(abc.ABC):
         return {
             "kind": self.kind,
             "dim": self.dim,
-            "backbone": self.backbone.name,
-            "timm_name": self.backbone.timm_name,
-            "weights": self.backbone.weights_id,
+            "backbone": self.encoder.name,
+            "architecture": self.encoder.architecture,
+            "weights": self.encoder.weights_id,
             "options": self.options(),
         }
 

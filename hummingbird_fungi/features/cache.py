@@ -21,7 +21,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from hummingbird_fungi.errors import DataError
-from hummingbird_fungi.memory.bank import manifest_json, save_npy_atomic, write_atomic
+from hummingbird_fungi.fileio import save_npy_atomic, write_atomic
+from hummingbird_fungi.memory.bank import manifest_json
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ class EmbeddingFeatures(PatchFeatures):
 
     @property
     def dim(self) -> int:
-        return self.backbone.embed_dim
+        return self.encoder.embed_dim
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, select: torch.Tensor | None = None,
                  image_ids: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = self.backbone(images)  # (B, N, E)
+        tokens = self.encoder(images)  # (B, N, E)
         return F.normalize(select_patches(tokens.float(), select), dim=-1)

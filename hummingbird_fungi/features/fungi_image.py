@@ -25,11 +25,10 @@ Choices where the reference implementations disagree (spec 9, 10.4):
 from __future__ import annotations
 
 import abc
-import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,20 +37,19 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
+from hummingbird_fungi.config.schema import DinoOptions, KLOptions, SimCLROptions
+from hummingbird_fungi.config.typed import Section, with_overrides
+from hummingbird_fungi.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from hummingbird_fungi.errors import ConfigError
-from hummingbird_fungi.features.fungi_patch import info_nce
-from hummingbird_fungi.features.gradients import DEFAULT_LAYER, find_linear, forward_with_capture, random_head
-from hummingbird_fungi.features.projection import build_projection, derived_seed
-
-if TYPE_CHECKING:
-    from hummingbird_fungi.models.backbones import Backbone
+from hummingbird_fungi.features.gradients import forward_with_capture, gradient_layer, random_head
+from hummingbird_fungi.features.losses import dino_loss, info_nce, kl_uniform_loss
+from hummingbird_fungi.features.projection import build_projection
+from hummingbird_fungi.models.encoders import Encoder
+from hummingbird_fungi.registry import Registry
+from hummingbird_fungi.runtime import autocast, derived_seed, use_autocast
 
 OBJECTIVES = ("kl", "dino", "simclr")
 BLOCKS = ("emb",) + OBJECTIVES  # feature blocks in concatenation order
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-TAU_PLACEMENTS = ("both", "positive")
-AUTOCAST = ("auto", "bf16", "off")
 BICUBIC = InterpolationMode.BICUBIC
 
 
@@ -105,33 +103,6 @@ def patchify_count(size: int, num_patches: int, stride_scale: float) -> int:
     return ((size - window) // stride + 1) ** 2
 
 
-# --------------------------------------------------------------------------- losses
-
-
-def kl_uniform_loss(logits: Tensor, temperature: float) -> Tensor:
-    """Per image, kl_div(log_softmax(h/T), uniform) averaged over the L outputs: (B, L) -> (B,)."""
-    log_p = F.log_softmax(logits / temperature, dim=-1)
-    uniform = torch.full_like(log_p, 1.0 / logits.shape[-1])
-    return F.kl_div(log_p, uniform, reduction="none").mean(-1)
-
-
-def dino_loss(student: Tensor, teacher: Tensor, student_temp: float, teacher_temp: float) -> Tensor:
-    """sum_{t in teacher} sum_{s in student} -<softmax(t/tt), log_softmax(s/ts)>: (B,V,L), (B,G,L) -> (B,)."""
-    targets = F.softmax(teacher / teacher_temp, dim=-1)  # (B, G, L)
-    log_probs = F.log_softmax(student / student_temp, dim=-1)  # (B, V, L)
-    return -torch.einsum("bgl,bvl->b", targets, log_probs)
-
-
-def simclr_loss(z: Tensor, negatives: Tensor | None, temperature: float, tau_placement: str = "both") -> Tensor:
-    """Per image InfoNCE of its V views against each other and shared negatives: (B, V, L), (M, L) -> (B,).
-
-    l_i = -mean_{j in views, j != i} s_ij / tau + logsumexp_{j != i} (s_ij / tau, or s_ij when the
-    temperature sits on the positive term only), s = cosine; mean over i. The patch FUNGI loss
-    with views in place of tokens.
-    """
-    return info_nce(z, temperature, tau_placement, negatives)
-
-
 # --------------------------------------------------------------------------- objectives
 
 
@@ -149,11 +120,15 @@ class ImageObjective(abc.ABC):
     """A self-supervised objective: how to make an image's views and the per-image loss of their embeddings."""
 
     name: str = ""
+    options_type: type[Section]
 
-    def __init__(self, embed_dim: int, input_size: int, seed: int, batch_size: int) -> None:
-        if input_size < 1 or batch_size < 1:
-            raise ConfigError(f"{self.name}: input_size and batch_size must be >= 1")
-        self.embed_dim, self.input_size, self.seed, self.batch_size = embed_dim, input_size, seed, batch_size
+    def __init__(self, embed_dim: int, input_size: int, seed: int, options: Section | None = None,
+                 **overrides: Any) -> None:
+        if input_size < 1:
+            raise ConfigError(f"{self.name}: input_size must be >= 1, got {input_size}")
+        self.settings = with_overrides(self.options_type, options, overrides)
+        self.embed_dim, self.input_size, self.seed = embed_dim, input_size, seed
+        self.batch_size: int = self.settings.batch_size  # type: ignore[attr-defined]
 
     @property
     @abc.abstractmethod
@@ -181,14 +156,13 @@ class KLObjective(ImageObjective):
     """KL divergence between softmax(head(normalize(emb)) / T) and the uniform distribution (spec 9.2)."""
 
     name = "kl"
+    options_type = KLOptions
 
-    def __init__(self, embed_dim: int, input_size: int, seed: int, batch_size: int = 64,
-                 temperature: float = 15.0, latent_dim: int = 768) -> None:
-        super().__init__(embed_dim, input_size, seed, batch_size)
-        if temperature <= 0 or latent_dim < 1:
-            raise ConfigError("kl: temperature must be > 0 and latent_dim >= 1")
-        self.temperature, self.latent_dim = temperature, latent_dim
-        self.head = self._head(0, latent_dim)
+    def __init__(self, embed_dim: int, input_size: int, seed: int, options: KLOptions | None = None,
+                 **overrides: Any) -> None:
+        super().__init__(embed_dim, input_size, seed, options, **overrides)
+        self.temperature, self.latent_dim = self.settings.temperature, self.settings.latent_dim
+        self.head = self._head(0, self.latent_dim)
 
     @property
     def num_views(self) -> int:
@@ -211,22 +185,18 @@ class DINOObjective(ImageObjective):
     """DINO self-distillation between teacher global views and student views, fresh heads (spec 9.3)."""
 
     name = "dino"
+    options_type = DinoOptions
 
-    def __init__(self, embed_dim: int, input_size: int, seed: int, batch_size: int = 16,
-                 global_views: int = 2, local_views: int = 10, global_scale: tuple[float, float] = (0.25, 1.0),
-                 local_scale: tuple[float, float] = (0.05, 0.25), latent_dim: int = 2048,
-                 teacher_temperature: float = 0.07, student_temperature: float = 0.1) -> None:
-        super().__init__(embed_dim, input_size, seed, batch_size)
-        if global_views < 1 or local_views < 0 or latent_dim < 1:
-            raise ConfigError("dino: needs global_views >= 1, local_views >= 0, latent_dim >= 1")
-        if teacher_temperature <= 0 or student_temperature <= 0:
-            raise ConfigError("dino: temperatures must be > 0")
-        self.global_views, self.local_views = global_views, local_views
-        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
-        self.latent_dim = latent_dim
-        self.teacher_temperature, self.student_temperature = teacher_temperature, student_temperature
-        self.student_head = self._head(0, latent_dim)
-        self.teacher_head = self._head(1, latent_dim)
+    def __init__(self, embed_dim: int, input_size: int, seed: int, options: DinoOptions | None = None,
+                 **overrides: Any) -> None:
+        super().__init__(embed_dim, input_size, seed, options, **overrides)
+        opts = self.settings
+        self.global_views, self.local_views = opts.global_views, opts.local_views
+        self.global_scale, self.local_scale = opts.global_scale, opts.local_scale
+        self.latent_dim = opts.latent_dim
+        self.teacher_temperature, self.student_temperature = opts.teacher_temperature, opts.student_temperature
+        self.student_head = self._head(0, self.latent_dim)
+        self.teacher_head = self._head(1, self.latent_dim)
 
     @property
     def num_views(self) -> int:
@@ -263,22 +233,19 @@ class SimCLRObjective(ImageObjective):
     """
 
     name = "simclr"
+    options_type = SimCLROptions
 
-    def __init__(self, embed_dim: int, input_size: int, seed: int, batch_size: int = 36,
-                 num_patches: int = 4, stride_scale: float = 6, latent_dim: int = 96, negatives: int = 256,
-                 temperature: float = 0.07, tau_placement: str = "both") -> None:
-        super().__init__(embed_dim, input_size, seed, batch_size)
-        if tau_placement not in TAU_PLACEMENTS:
-            raise ConfigError(f"simclr: tau_placement={tau_placement!r}; choose one of {TAU_PLACEMENTS}")
-        if num_patches < 1 or stride_scale <= 0 or latent_dim < 1 or negatives < 0 or temperature <= 0:
-            raise ConfigError("simclr: needs num_patches >= 1, stride_scale > 0, latent_dim >= 1, "
-                              "negatives >= 0, temperature > 0")
-        self.num_patches, self.stride_scale = num_patches, stride_scale
-        self.latent_dim, self.num_negatives = latent_dim, negatives
-        self.temperature, self.tau_placement = temperature, tau_placement
+    def __init__(self, embed_dim: int, input_size: int, seed: int, options: SimCLROptions | None = None,
+                 **overrides: Any) -> None:
+        super().__init__(embed_dim, input_size, seed, options, **overrides)
+        opts = self.settings
+        self.num_patches, self.stride_scale = opts.num_patches, opts.stride_scale
+        self.latent_dim, self.num_negatives = opts.latent_dim, opts.negatives
+        self.temperature, self.tau_placement = opts.temperature, opts.tau_placement
         if self.num_views < 2:
-            raise ConfigError(f"simclr: num_patches={num_patches}, stride_scale={stride_scale} make < 2 views")
-        self.head = self._head(0, latent_dim)
+            raise ConfigError(f"simclr: num_patches={self.num_patches}, stride_scale={self.stride_scale} "
+                              f"make < 2 views")
+        self.head = self._head(0, self.latent_dim)
         self.negatives: Tensor | None = None  # (M, L)
         self.negative_ids: list[int] = []
 
@@ -305,7 +272,7 @@ class SimCLRObjective(ImageObjective):
             raise RuntimeError("simclr negatives are not set: call set_negatives first")
         self.head = self.head.to(embeddings.device)
         negatives = None if self.negatives is None else self.negatives.to(embeddings.device)
-        return simclr_loss(self.head(embeddings), negatives, self.temperature, self.tau_placement)
+        return info_nce(self.head(embeddings), self.temperature, self.tau_placement, negatives)
 
     def options(self) -> dict[str, Any]:
         return {"num_patches": self.num_patches, "stride_scale": self.stride_scale, "views": self.num_views,
@@ -314,18 +281,18 @@ class SimCLRObjective(ImageObjective):
                 "tau_placement": self.tau_placement, "input_size": self.input_size, "seed": self.seed}
 
 
-OBJECTIVE_CLASSES: dict[str, type[ImageObjective]] = {
-    "kl": KLObjective, "dino": DINOObjective, "simclr": SimCLRObjective}
+IMAGE_OBJECTIVES: Registry[type[ImageObjective]] = Registry("FUNGI objective")
+for _cls in (KLObjective, DINOObjective, SimCLRObjective):
+    IMAGE_OBJECTIVES.register(_cls.name)(_cls)
 
 
-def build_objective(name: str, embed_dim: int, input_size: int, seed: int, options: dict[str, Any]) -> ImageObjective:
-    """An objective by name with its options (unknown option names raise ConfigError)."""
-    if name not in OBJECTIVE_CLASSES:
-        raise ConfigError(f"unknown FUNGI objective {name!r}; choose from {list(OBJECTIVES)}")
-    try:
-        return OBJECTIVE_CLASSES[name](embed_dim, input_size, seed, **options)
-    except TypeError as exc:
-        raise ConfigError(f"features.{name}: {exc}") from exc
+def build_objective(name: str, embed_dim: int, input_size: int, seed: int,
+                    options: Section | dict[str, Any] | None = None) -> ImageObjective:
+    """An objective by name with its typed options (or a dict of them; unknown names raise ConfigError)."""
+    cls = IMAGE_OBJECTIVES.get(name)
+    if isinstance(options, dict):
+        return cls(embed_dim, input_size, seed, **options)
+    return cls(embed_dim, input_size, seed, options)
 
 
 # --------------------------------------------------------------------------- extractor
@@ -346,22 +313,21 @@ class FeatureBlock:
 class ImageFungi:
     """Embeddings and projected per-image objective gradients of one backbone, one shared projection."""
 
-    def __init__(self, backbone: "Backbone", input_size: int, seed: int = 0, projection: str = "dense",
+    def __init__(self, encoder: Encoder, input_size: int, seed: int = 0, projection: str = "dense",
                  projection_options: dict[str, Any] | None = None, out_dim: int | None = None,
-                 layer: str = DEFAULT_LAYER, autocast: str = "auto", embed_batch_size: int = 64) -> None:
-        if autocast not in AUTOCAST:
-            raise ConfigError(f"features.autocast={autocast!r}; choose one of {AUTOCAST}")
-        self.backbone, self.input_size, self.seed = backbone, input_size, seed
-        self.layer_path, self.autocast, self.embed_batch_size = layer, autocast, embed_batch_size
-        self.layer = find_linear(backbone.model, layer)
-        self.projection = build_projection(projection, out_dim or backbone.embed_dim, self.layer.out_features,
+                 layer: str | None = None, autocast: str = "auto", embed_batch_size: int = 64) -> None:
+        use_autocast(autocast, torch.device("cpu"))  # refuses unknown modes now
+        self.encoder, self.input_size, self.seed = encoder, input_size, seed
+        self.autocast, self.embed_batch_size = autocast, embed_batch_size
+        self.layer_path, self.layer = gradient_layer(encoder, layer)
+        self.projection = build_projection(projection, out_dim or encoder.embed_dim, self.layer.out_features,
                                            self.layer.in_features, seed, **(projection_options or {}))
         self.objectives: dict[str, ImageObjective] = {}
 
     @property
     def device(self) -> torch.device:
         """Device of the backbone's parameters."""
-        return next(self.backbone.parameters()).device
+        return next(self.encoder.parameters()).device
 
     def add_objective(self, objective: ImageObjective) -> None:
         """Make an objective's gradient block available."""
@@ -369,15 +335,15 @@ class ImageFungi:
 
     def options(self) -> dict[str, Any]:
         """What every block shares: backbone, layer, projection, input size."""
-        return {"backbone": self.backbone.name, "timm_name": self.backbone.timm_name,
-                "weights": self.backbone.weights_id, "layer": self.layer_path,
+        return {"backbone": self.encoder.name, "architecture": self.encoder.architecture,
+                "weights": self.encoder.weights_id, "layer": self.layer_path,
                 "projection": self.projection.options(), "input_size": self.input_size,
-                "autocast": self._use_autocast()}
+                "autocast": use_autocast(self.autocast, self.device)}
 
     def block(self, name: str) -> FeatureBlock:
         """The feature block `name` (emb or an added objective)."""
         if name == "emb":
-            return FeatureBlock("emb", self.backbone.embed_dim, functools.partial(eval_views, size=self.input_size),
+            return FeatureBlock("emb", self.encoder.embed_dim, functools.partial(eval_views, size=self.input_size),
                                 self.embeddings, self.embed_batch_size, self.options())
         if name not in self.objectives:
             raise ConfigError(f"objective {name!r} was not configured; have {sorted(self.objectives)}")
@@ -386,25 +352,11 @@ class ImageFungi:
                             lambda views: self.gradient_features(objective, views), objective.batch_size,
                             {**self.options(), "objective": objective.options()})
 
-    def _use_autocast(self) -> bool:
-        """Whether the backbone runs in bf16 autocast ('auto': on CUDA only)."""
-        return self.autocast == "bf16" or (self.autocast == "auto" and self.device.type == "cuda")
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast for the backbone pass when enabled, else nothing."""
-        if self._use_autocast():
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _pooled(self, images: Tensor) -> Tensor:
-        """The backbone's image embedding (CLS after the final norm for token pooling): (n, 3, S, S) -> (n, E)."""
-        return self.backbone.model.forward_head(self.backbone.forward_tokens(images), pre_logits=True)
-
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         """Raw image embeddings (n, 3, S, S) -> (n, E) float32."""
-        with self._autocast():
-            return self._pooled(images.to(self.device)).float()
+        with autocast(self.autocast, self.device):
+            return self.encoder.pooled(images.to(self.device)).float()
 
     def embeddings(self, views: Tensor) -> Tensor:
         """The embedding block: eval views (B, 1, 3, S, S) -> (B, E) unit rows."""
@@ -414,8 +366,8 @@ class ImageFungi:
         """Per-image gradient at the layer, summed over views and tokens: (B, V, 3, S, S) -> (B, E_out, E_in + 1)."""
         batch, count = views.shape[:2]
         with torch.inference_mode(False), torch.enable_grad():
-            with self._autocast():
-                capture = forward_with_capture(self._pooled, self.layer, views.flatten(0, 1).to(self.device))
+            with autocast(self.autocast, self.device):
+                capture = forward_with_capture(self.encoder.pooled, self.layer, views.flatten(0, 1).to(self.device))
             embeddings = capture.tokens.float().view(batch, count, -1)  # (B, V, E)
             loss = objective.loss(embeddings).sum()  # images independent: sum, not mean
             (g,) = torch.autograd.grad(loss, capture.output)  # (B V, T, E_out)

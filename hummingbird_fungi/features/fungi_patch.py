@@ -26,56 +26,24 @@ Deviations from the reference, each with a switch:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hummingbird_fungi.errors import ConfigError
+from hummingbird_fungi.config.schema import FungiOptions
+from hummingbird_fungi.config.typed import with_overrides
 from hummingbird_fungi.features.base import PatchFeatures, select_patches
-from hummingbird_fungi.features.gradients import DEFAULT_LAYER, find_linear, forward_with_capture, random_head
+from hummingbird_fungi.features.gradients import forward_with_capture, gradient_layer, random_head
+from hummingbird_fungi.features.losses import info_nce
 from hummingbird_fungi.features.projection import build_projection
-
-if TYPE_CHECKING:
-    from hummingbird_fungi.models.backbones import Backbone
+from hummingbird_fungi.models.encoders import Encoder
+from hummingbird_fungi.runtime import autocast, timed, use_autocast
 
 log = logging.getLogger(__name__)
 
-NEGATIVES = ("none", "support", "support_scrambled")
-TAU_PLACEMENTS = ("positive", "both")
-AUTOCAST = ("auto", "bf16", "off")
-
-
-def info_nce(z: Tensor, tau: float, tau_placement: str = "positive",
-             negatives: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
-    """The reference's per-image InfoNCE (spec 8.3 step 5; SimCLR's over views): z (B, T, L) -> (B,).
-
-    Positives of row i are all other rows of its image (tokens, or views); the attraction term
-    is divided by tau, the log-sum-exp over negatives and other rows too only if tau_placement
-    is 'both' (the patch reference divides only the positive term, spec 10.4). Negatives are
-    per image (B, K, L) or shared (K, L); `keep` (B, K) bool drops some. Cosines come from a
-    matmul of unit rows in fp32.
-    """
-    tokens = z.shape[1]
-    if tokens < 2:
-        raise ValueError(f"InfoNCE needs at least two tokens or views per image, got {tokens}")
-    unit = F.normalize(z.float(), dim=-1)
-    cos = unit @ unit.transpose(1, 2)  # (B, T, T)
-    self_mask = torch.eye(tokens, dtype=torch.bool, device=z.device)
-    attract = cos.masked_fill(self_mask, 0.0).sum(-1) / ((tokens - 1) * tau)  # (B, T)
-    logits = cos.masked_fill(self_mask, float("-inf"))
-    if negatives is not None:
-        neg = unit @ F.normalize(negatives.float(), dim=-1).transpose(-2, -1)  # (B, T, K)
-        if keep is not None:
-            neg = neg.masked_fill(~keep[:, None, :], float("-inf"))
-        logits = torch.cat([neg, logits], dim=-1)  # (B, T, K + T): negatives, then positives
-    if tau_placement == "both":
-        logits = logits / tau
-    return (torch.logsumexp(logits, dim=-1) - attract).mean(-1)
 
 
 def gather_negatives(support: Tensor, ids: Tensor, n_neg: int, scrambled: bool = False) -> Tensor:
@@ -120,37 +88,22 @@ class FungiPatchFeatures(PatchFeatures):
 
     kind = "fungi"
 
-    def __init__(self, backbone: Backbone, head_dim: int = 96, head_seed: int = 0,
-                 projection: str = "structured", rank: int = 4, projection_distribution: str = "sign",
-                 projection_seed: int = 0, out_dim: int | None = None, tau: float = 0.07,
-                 tau_placement: str = "positive", negatives: str = "none", neg_k: int = 5,
-                 n_neg: int = 2, keep_prob: float = 0.5, neg_seed: int = 0, exclude_same_image: bool = True,
-                 layer: str = DEFAULT_LAYER, grad_weight: float = 1.0, autocast: str = "auto",
-                 token_chunk: int = 1024) -> None:
-        super().__init__(backbone)
-        _check_choice("negatives", negatives, NEGATIVES)
-        _check_choice("tau_placement", tau_placement, TAU_PLACEMENTS)
-        _check_choice("autocast", autocast, AUTOCAST)
-        if tau <= 0 or head_dim < 1 or token_chunk < 1 or grad_weight < 0:
-            raise ConfigError("fungi needs tau > 0, head_dim >= 1, token_chunk >= 1 and grad_weight >= 0")
-        if not 1 <= n_neg <= neg_k or not 0.0 < keep_prob:
-            raise ConfigError(f"fungi needs 1 <= n_neg <= neg_k and keep_prob > 0, got n_neg={n_neg}, "
-                              f"neg_k={neg_k}, keep_prob={keep_prob}")
-        self.head_dim, self.head_seed = head_dim, head_seed
-        self.tau, self.tau_placement = tau, tau_placement
-        self.negatives, self.neg_k, self.n_neg = negatives, neg_k, n_neg
-        self.keep_prob, self.neg_seed, self.exclude_same_image = keep_prob, neg_seed, exclude_same_image
-        self.layer_path, self.grad_weight = layer, grad_weight
-        self.autocast, self.token_chunk = autocast, token_chunk
-        self.layer = find_linear(backbone.model, layer)
-        embed_dim = backbone.embed_dim
-        self.head_weight, self.head_bias = random_head(embed_dim, head_dim, head_seed)
-        proj_options: dict[str, Any] = ({"rank": rank, "distribution": projection_distribution}
-                                        if projection == "structured" else {})
-        self.projection = build_projection(projection, out_dim or embed_dim, self.layer.out_features,
-                                           self.layer.in_features, projection_seed,
-                                           token_chunk=token_chunk, **proj_options)
-        self.rank, self.projection_distribution = rank, projection_distribution
+    def __init__(self, encoder: Encoder, options: FungiOptions | None = None, **overrides: Any) -> None:
+        super().__init__(encoder)
+        self.settings = with_overrides(FungiOptions, options, overrides)
+        opts = self.settings
+        self.head_dim, self.head_seed = opts.head_dim, opts.head_seed
+        self.tau, self.tau_placement = opts.tau, opts.tau_placement
+        self.negatives, self.neg_k, self.n_neg = opts.negatives, opts.neg_k, opts.n_neg
+        self.keep_prob, self.neg_seed, self.exclude_same_image = opts.keep_prob, opts.neg_seed, opts.exclude_same_image
+        self.grad_weight, self.autocast, self.token_chunk = opts.grad_weight, opts.autocast, opts.token_chunk
+        self.layer_path, self.layer = gradient_layer(encoder, opts.layer)
+        self.head_weight, self.head_bias = random_head(encoder.embed_dim, opts.head_dim, opts.head_seed)
+        proj_options: dict[str, Any] = ({"rank": opts.rank, "distribution": opts.projection_distribution}
+                                        if opts.projection == "structured" else {})
+        self.projection = build_projection(opts.projection, opts.out_dim or encoder.embed_dim, self.layer.out_features,
+                                           self.layer.in_features, opts.projection_seed,
+                                           token_chunk=opts.token_chunk, **proj_options)
         self._support: Tensor | None = None  # (M, E) unit rows, on the device of the last call
         self._index: Any = None
         self._support_images: Tensor | None = None  # (M,) dataset index of each support row
@@ -158,7 +111,7 @@ class FungiPatchFeatures(PatchFeatures):
 
     @property
     def dim(self) -> int:
-        return self.backbone.embed_dim + self.projection.out_dim
+        return self.encoder.embed_dim + self.projection.out_dim
 
     @property
     def needs_support(self) -> bool:
@@ -172,8 +125,8 @@ class FungiPatchFeatures(PatchFeatures):
         from hummingbird_fungi.retrieval.indexes import build_index
 
         features = torch.as_tensor(features)
-        if features.ndim != 2 or features.shape[1] != self.backbone.embed_dim:
-            raise ValueError(f"support features must be (M, {self.backbone.embed_dim}), got {tuple(features.shape)}")
+        if features.ndim != 2 or features.shape[1] != self.encoder.embed_dim:
+            raise ValueError(f"support features must be (M, {self.encoder.embed_dim}), got {tuple(features.shape)}")
         if image_ids is not None and tuple(image_ids.shape) != tuple(features.shape[:1]):
             raise ValueError(f"support image ids must be ({features.shape[0]},), got {tuple(image_ids.shape)}")
         self._support = features.float()
@@ -191,36 +144,26 @@ class FungiPatchFeatures(PatchFeatures):
         return arrays
 
     def options(self) -> dict[str, Any]:
-        return {
-            "head_dim": self.head_dim, "head_seed": self.head_seed,
-            "projection": self.projection.options()["kind"], "rank": self.rank,
-            "projection_distribution": self.projection_distribution,
-            "projection_seed": self.projection.seed, "out_dim": self.projection.out_dim,
-            "tau": self.tau, "tau_placement": self.tau_placement, "negatives": self.negatives,
-            "neg_k": self.neg_k, "n_neg": self.n_neg, "keep_prob": self.keep_prob,
-            "neg_seed": self.neg_seed, "exclude_same_image": self.exclude_same_image,
-            "layer": self.layer_path, "grad_weight": self.grad_weight,
-            "autocast": self.autocast, "token_chunk": self.token_chunk,
-        }
+        return {**self.settings.to_dict(), "layer": self.layer_path}
 
     def __call__(self, images: Tensor, select: Tensor | None = None, image_ids: Tensor | None = None) -> Tensor:
         with torch.inference_mode(False), torch.enable_grad():
             images = images.clone() if images.is_inference() else images
             g, a, tokens = self._gradients(images, image_ids)  # (B, T, E_out), (B, T, E_in), (B, T, E)
-            prefix = self.backbone.num_prefix_tokens
+            prefix = self.encoder.num_prefix_tokens
             g, a, tokens = (select_patches(t[:, prefix:], select) for t in (g, a, tokens))  # (B, n, .)
-            with self._timed("projection"):
+            with timed(self.step_times, "projection"):
                 phi = self._project(g.flatten(0, 1), a.flatten(0, 1))  # (B n, P)
             return combine(tokens, phi.view(*g.shape[:2], self.projection.out_dim), self.grad_weight)  # (B, n, E + P)
 
     def _gradients(self, images: Tensor, image_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Layer output-gradients g, layer inputs a and final tokens for all tokens of each image."""
-        with self._timed("forward"), self._autocast_context(images.device):
-            capture = forward_with_capture(self.backbone.forward_tokens, self.layer, images)
+        with timed(self.step_times, "forward"), autocast(self.autocast, images.device):
+            capture = forward_with_capture(self.encoder.forward_tokens, self.layer, images)
         tokens = capture.tokens.float()  # (B, T, E)
-        with self._timed("negatives"):
+        with timed(self.step_times, "negatives"):
             negatives, keep = self._negatives(tokens.detach(), image_ids)
-        with self._timed("loss_backward"):
+        with timed(self.step_times, "loss_backward"):
             loss = info_nce(self._head(tokens), self.tau, self.tau_placement, negatives, keep).sum()
             (g,) = torch.autograd.grad(loss, capture.output)
         return g.detach(), capture.input, tokens.detach()
@@ -257,39 +200,5 @@ class FungiPatchFeatures(PatchFeatures):
 
     def _project(self, g: Tensor, a: Tensor) -> Tensor:
         """Project per-token gradients g (n, E_out), a (n, E_in) -> (n, P), bf16 under autocast."""
-        dtype = torch.bfloat16 if self._use_autocast(g.device) else torch.float32
+        dtype = torch.bfloat16 if use_autocast(self.autocast, g.device) else torch.float32
         return self.projection.project_outer(g.to(dtype), a.to(dtype)).float()
-
-    def _use_autocast(self, device: torch.device) -> bool:
-        """Whether this call runs in bf16 autocast ('auto': on CUDA only)."""
-        return self.autocast == "bf16" or (self.autocast == "auto" and device.type == "cuda")
-
-    def _autocast_context(self, device: torch.device) -> contextlib.AbstractContextManager:
-        """bf16 autocast for the backbone pass when enabled, else nothing."""
-        if self._use_autocast(device):
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def _timed(self, step: str) -> Iterator[None]:
-        """Add the wall time of a step to `step_times` when profiling (synchronising CUDA)."""
-        if self.step_times is None:
-            yield
-            return
-        _synchronize()
-        start = time.perf_counter()
-        yield
-        _synchronize()
-        self.step_times[step] = self.step_times.get(step, 0.0) + time.perf_counter() - start
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    """Refuse an option value outside its choices."""
-    if value not in choices:
-        raise ConfigError(f"fungi option {name}={value!r}; choose one of {choices}")
-
-
-def _synchronize() -> None:
-    """Wait for queued CUDA work so step timings are real."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()

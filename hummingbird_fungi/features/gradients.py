@@ -20,30 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from hummingbird_fungi.errors import ConfigError
-
-DEFAULT_LAYER = "blocks.-1.attn.proj"
-
-
-def find_module(model: nn.Module, path: str) -> nn.Module:
-    """Resolve a dotted path with (negative) integer indices, e.g. 'blocks.-1.attn.proj'."""
-    module = model
-    for part in path.split("."):
-        try:
-            if part.lstrip("-").isdigit():
-                module = module[int(part)]  # type: ignore[index]
-            else:
-                module = getattr(module, part)
-        except (AttributeError, IndexError, TypeError) as error:
-            raise ConfigError(f"layer {path!r} not found in {type(model).__name__} (at {part!r})") from error
-    return module
+from hummingbird_fungi.models.encoders import Encoder, find_linear
 
 
-def find_linear(model: nn.Module, path: str = DEFAULT_LAYER) -> nn.Linear:
-    """The nn.Linear at `path` in `model`; refuse anything else."""
-    module = find_module(model, path)
-    if not isinstance(module, nn.Linear):
-        raise ConfigError(f"layer {path!r} is a {type(module).__name__}, not an nn.Linear")
-    return module
+def gradient_layer(encoder: Encoder, path: str | None = None) -> tuple[str, nn.Linear]:
+    """(path, layer) of the nn.Linear whose gradient FUNGI uses: `path` in encoder.model, else its default."""
+    path = path or encoder.default_layer
+    if path is None:
+        raise ConfigError(f"encoder {encoder.name!r} ({type(encoder).__name__}) has no default gradient layer: name "
+                          f"an nn.Linear of its model with layer=PATH (features.fungi.layer)")
+    return path, find_linear(encoder.model, path)
 
 
 @dataclass
@@ -80,7 +66,12 @@ def forward_with_capture(forward: Callable[[Tensor], Tensor], layer: nn.Linear, 
     finally:
         handle.remove()
     if not captured:
-        raise RuntimeError("the captured layer did not run in the forward pass")
+        raise ConfigError(f"the gradient layer ({type(layer).__name__} {layer.in_features}->{layer.out_features}) "
+                          f"did not run as a module in the forward pass (e.g. nn.MultiheadAttention's out_proj "
+                          f"is used functionally); choose another layer")
+    if not tokens.requires_grad:
+        raise ConfigError("the features do not depend on the gradient layer through autograd: does the feature "
+                          "function run under no_grad/inference_mode, or is the layer after the features?")
     return Capture(tokens=tokens, input=captured["input"], output=captured["output"])
 
 

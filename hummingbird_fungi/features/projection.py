@@ -14,20 +14,14 @@ import abc
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from hummingbird_fungi.errors import ConfigError
+from hummingbird_fungi.runtime import generator
 
 DENSE_GEN_ROWS = 16  # rows of P per seeded generator; part of P's definition
 _WORK_ELEMENTS = 1 << 21  # floats in one intermediate block (8 MB in fp32; cache-friendly on CPU)
-
-
-def derived_seed(*keys: int) -> int:
-    """A well-mixed 63-bit seed derived from integer keys (e.g. (seed, chunk))."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31 | int(state[1])) & ((1 << 63) - 1)
 
 
 def _with_bias(a: Tensor) -> Tensor:
@@ -92,8 +86,8 @@ class DenseSignProjection(GradientProjection):
         if not 0 <= index < self.num_chunks:
             raise IndexError(f"chunk {index} out of range [0, {self.num_chunks})")
         rows = min(DENSE_GEN_ROWS, self.out_dim - index * DENSE_GEN_ROWS)
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, index))
-        bits = torch.randint(0, 2, (rows, self.e_out, self.e_in + 1), generator=generator, dtype=torch.int8)
+        bits = torch.randint(0, 2, (rows, self.e_out, self.e_in + 1), generator=generator(self.seed, index),
+                             dtype=torch.int8)
         return bits * 2 - 1
 
     def _rows(self, start: int, stop: int, device: torch.device) -> Tensor:
@@ -170,9 +164,9 @@ class StructuredProjection(GradientProjection):
             raise ConfigError(f"unknown projection distribution {distribution!r}; choose one of {self.DISTRIBUTIONS}")
         self.rank, self.distribution = rank, distribution
         self.scale = 1.0 / math.sqrt(out_dim * rank)
-        generator = torch.Generator().manual_seed(derived_seed(seed, rank))
-        self.u = self._draw((e_out, out_dim * rank), generator)  # columns k * R + r
-        self.v = self._draw((e_in + 1, out_dim * rank), generator)
+        draws = generator(seed, rank)
+        self.u = self._draw((e_out, out_dim * rank), draws)  # columns k * R + r
+        self.v = self._draw((e_in + 1, out_dim * rank), draws)
 
     def _draw(self, shape: tuple[int, int], generator: torch.Generator) -> Tensor:
         """Random factor matrix of `shape`, +-1 or standard normal."""

@@ -1,4 +1,4 @@
-"""Frozen ViT backbones (DINO, DINOv2, any timm ViT) returning patch tokens, with hub or local weights.
+"""Named backbones (DINO, DINOv2, any timm ViT) as encoders, with hub or local weights.
 
 `load_backbone` builds a timm VisionTransformer with `dynamic_img_size=True` (any input whose sides
 are multiples of the patch size; positional embeddings interpolated at run time) and loads either
@@ -26,6 +26,7 @@ from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from hummingbird_fungi.errors import ConfigError, DataError
+from hummingbird_fungi.models.encoders import TimmViTEncoder
 
 log = logging.getLogger(__name__)
 
@@ -53,36 +54,6 @@ _HUB_PROBE_TIMEOUT_S = 3.0
 _SHOWN_KEYS = 5
 
 
-class Backbone(torch.nn.Module):
-    """A frozen timm ViT mapping images to patch tokens."""
-
-    def __init__(self, model: VisionTransformer, name: str, timm_name: str, weights_id: str) -> None:
-        super().__init__()
-        self.model = model
-        self.name = name
-        self.timm_name = timm_name
-        self.weights_id = weights_id
-        self.patch_size: int = model.patch_embed.patch_size[0]
-        self.embed_dim: int = model.embed_dim
-        self.num_prefix_tokens: int = model.num_prefix_tokens  # CLS + registers
-
-    def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Patch grid (h, w) of an input of this size; ConfigError unless both are multiples of the patch."""
-        if height % self.patch_size or width % self.patch_size:
-            raise ConfigError(f"input size {height}x{width} is not a multiple of the patch size {self.patch_size} "
-                              f"of backbone {self.name!r}")
-        return height // self.patch_size, width // self.patch_size
-
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, T, E) all tokens after the final norm, prefix tokens first."""
-        self.grid_size(x.shape[-2], x.shape[-1])
-        return self.model.forward_features(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, h*w, E) patch tokens in row-major order, CLS and registers removed."""
-        return self.forward_tokens(x)[:, self.num_prefix_tokens:]
-
-
 def resolve_name(name: str) -> str:
     """Short name or timm name ('arch' or 'arch.tag') -> timm name; ConfigError with suggestions if unknown."""
     if name in SHORT_NAMES:
@@ -107,8 +78,8 @@ def file_sha256(path: str | Path) -> str:
 
 
 def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool = True,
-                  device: str | torch.device = "cpu", **model_kwargs: Any) -> Backbone:
-    """Frozen Backbone in eval mode on `device`: local `weights` file, else hub weights, else random init."""
+                  device: str | torch.device = "cpu", **model_kwargs: Any) -> TimmViTEncoder:
+    """A named timm ViT as an encoder on `device`: local `weights` file, else hub weights, else random init."""
     timm_name = resolve_name(name)
     if weights is not None:
         model = _create_model(timm_name, **model_kwargs)
@@ -120,10 +91,10 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
         weights_id = "random"
         log.warning("backbone %s (%s) has RANDOM weights (pretrained=False, no weights file)", name, timm_name)
     model.requires_grad_(False)
-    backbone = Backbone(model, name, timm_name, weights_id).to(device)
+    encoder = TimmViTEncoder(model, name=name, weights_id=weights_id, architecture=timm_name).to(device)
     log.info("backbone %s: timm %s, weights %s, patch %d, dim %d, %d prefix tokens", name, timm_name,
-             weights_id, backbone.patch_size, backbone.embed_dim, backbone.num_prefix_tokens)
-    return backbone.eval()
+             weights_id, encoder.patch_size, encoder.embed_dim, encoder.num_prefix_tokens)
+    return encoder
 
 
 def _create_model(timm_name: str, pretrained: bool = False, **model_kwargs: Any) -> VisionTransformer:

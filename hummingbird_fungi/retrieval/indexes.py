@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 from hummingbird_fungi.errors import ConfigError
+from hummingbird_fungi.registry import Registry
+from hummingbird_fungi.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +62,6 @@ def mark_missing(scores: np.ndarray, ids: np.ndarray) -> tuple[Tensor, Tensor]:
         log.warning("approximate search returned fewer than k neighbours for %d queries (ids -1); "
                     "search more lists/leaves", int((ids < 0).any(axis=1).sum()))
     return torch.from_numpy(scores), torch.from_numpy(ids)
-
-
-def resolve_device(device: str) -> torch.device:
-    """'cpu' | 'cuda[:i]' | 'auto' -> a torch device (auto: CUDA when available)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"retrieval device must be cpu, cuda or auto, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"retrieval device {device!r} requested but CUDA is not available")
-    return torch.device(device)
 
 
 def import_faiss() -> Any:
@@ -464,24 +455,22 @@ class ScannIndex(Index):
 # --------------------------------------------------------------------------- registry
 
 
-BACKENDS: dict[str, type[Index]] = {
-    cls.name: cls for cls in (TorchIndex, FaissFlatIndex, FaissIVFPQIndex, FaissHNSWIndex, ScannIndex)
-}
+BACKENDS: Registry[type[Index]] = Registry("retrieval backend")
+for _cls in (TorchIndex, FaissFlatIndex, FaissIVFPQIndex, FaissHNSWIndex, ScannIndex):
+    BACKENDS.register(_cls.name)(_cls)
 
 
-def available_backends() -> list[str]:
-    """Names accepted by `build_index` (scann also needs the optional `scann` package)."""
-    return sorted(BACKENDS)
+def check_index_options(backend: str, options: dict[str, Any]) -> type[Index]:
+    """The index class of `backend` after checking that it takes `options` (before any work starts)."""
+    cls = BACKENDS.get(backend)
+    valid = [p for p in inspect.signature(cls).parameters if p != "dim"]
+    unknown = [key for key in options if key not in valid]
+    if unknown:
+        raise ConfigError(f"retrieval.options.{unknown[0]}: not an option of backend {backend!r}; "
+                          f"valid options: {', '.join(valid)}")
+    return cls
 
 
 def build_index(backend: str, dim: int, **options: Any) -> Index:
     """An empty index of `backend` for `dim`-dimensional rows; ConfigError for unknown names or options."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown retrieval backend {backend!r}; valid: {', '.join(available_backends())}")
-    cls = BACKENDS[backend]
-    try:
-        inspect.signature(cls).bind(dim, **options)
-    except TypeError as err:
-        valid = [p for p in inspect.signature(cls).parameters if p != "dim"]
-        raise ConfigError(f"retrieval backend {backend!r}: {err}; valid options: {', '.join(valid)}") from None
-    return cls(dim, **options)
+    return check_index_options(backend, options)(dim, **options)

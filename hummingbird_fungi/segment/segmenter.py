@@ -7,7 +7,6 @@ size, and upsampling patch class maps straight to each image's original size.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -20,16 +19,25 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from hummingbird_fungi.models.backbones import Backbone, load_backbone
-from hummingbird_fungi.config.loader import DEFAULTS
+from hummingbird_fungi.config.schema import (
+    DataOptions,
+    FeatureOptions,
+    FungiOptions,
+    MemoryOptions,
+    RetrievalOptions,
+    SupportOptions,
+    TransferOptions,
+)
 from hummingbird_fungi.data.segmentation import DatasetInfo, SegmentationDataset, check_labels
+from hummingbird_fungi.data.transforms import EvalTransform, read_image, read_mask, to_rgb
 from hummingbird_fungi.errors import ConfigError, DataError
-from hummingbird_fungi.features import PatchFeatures, build_patch_features
-from hummingbird_fungi.retrieval.transfer import LabelTransfer, patch_probs_to_map, upsample_argmax, upsample_probs
-from hummingbird_fungi.memory.bank import MemoryBank, build_memory_bank, read_manifest
+from hummingbird_fungi.eval.hbird import build_memory, input_size_for, make_transfer, metric_summary
 from hummingbird_fungi.eval.metrics import ConfusionMatrix
-from hummingbird_fungi.eval.hbird import bank_spec, make_extractor, metric_summary, resolve_device, seed_everything, timed
-from hummingbird_fungi.data.transforms import EvalTransform, TrainTransform, read_image, read_mask, to_rgb
+from hummingbird_fungi.features import PatchFeatures, build_patch_features
+from hummingbird_fungi.memory.bank import MemoryBank, read_manifest
+from hummingbird_fungi.models.encoders import Encoder, create_encoder
+from hummingbird_fungi.retrieval.transfer import patch_probs_to_map, upsample_argmax, upsample_probs
+from hummingbird_fungi.runtime import resolve_device, timed
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +109,8 @@ class ExampleSet(SegmentationDataset):
     """Decoded example images and masks held in memory, served like a dataset to the bank builder."""
 
     def __init__(self, images: list[Image.Image], masks: list[np.ndarray], names: list[str], info: DatasetInfo,
-                 transform: EvalTransform | TrainTransform, seed: int) -> None:
-        super().__init__([(Path(n), None) for n in names], info, transform=transform, seed=seed,
-                         source="the examples")
+                 seed: int) -> None:
+        super().__init__([(Path(n), None) for n in names], info, seed=seed, source="the examples")
         self.images, self.masks = images, masks
 
     def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
@@ -111,26 +118,16 @@ class ExampleSet(SegmentationDataset):
         return self.images[index], self.masks[index]
 
 
-def pipeline_config(features: str, feature_options: dict | None, memory_size: int | None, epochs: int,
-                    sampling: str, batch_size: int, seed: int) -> dict:
-    """A pipeline config (defaults + these settings) so the bank spec and extractor come from the pipeline."""
-    config = copy.deepcopy(DEFAULTS)
-    config["seed"] = seed
-    config["features"].update(kind=features, fungi=dict(feature_options or {}),
-                              support={"size": memory_size, "augmentation_epochs": 1})
-    config["memory"].update(size=memory_size, augmentation_epochs=epochs, sampling=sampling, void="ignore")
-    config["data"].update(batch_size=batch_size, num_workers=0)
-    return config
+def make_encoder(backbone: Any, weights: str | Path | None, pretrained: bool, backbone_kwargs: dict | None,
+                 device: torch.device, seed: int) -> Encoder:
+    """`backbone` as an encoder: a module or Encoder wrapped, a name loaded with its weights (random init seeded)."""
+    from hummingbird_fungi.models.backbones import load_backbone
 
-
-def load_named_backbone(backbone: str | Backbone, weights: str | Path | None, pretrained: bool,
-                        backbone_kwargs: dict | None, device: torch.device, seed: int) -> Backbone:
-    """`backbone` itself, or the named one loaded with its weights (random init seeded by `seed`)."""
-    if isinstance(backbone, Backbone):
-        return backbone
-    seed_everything(seed)
+    if not isinstance(backbone, str):
+        return create_encoder(backbone).to(device)
+    torch.manual_seed(seed)
     return load_backbone(backbone, weights=None if weights is None else str(weights), pretrained=pretrained,
-                         device=str(device), **(backbone_kwargs or {}))
+                         device=device, **(backbone_kwargs or {}))
 
 
 # --------------------------------------------------------------------------- segmenter
@@ -156,22 +153,24 @@ class InContextSegmenter:
                  device: str | torch.device = "auto", timings: dict[str, float] | None = None) -> None:
         self.extractor, self.bank = extractor, bank
         self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.normalize, self.match_orientation, self.class_chunk = normalize, match_orientation, class_chunk
-        self.device = resolve_device(str(device))
+        self.normalize, self.match_orientation = normalize, match_orientation
+        self.device = resolve_device(device)
         self.timings = {} if timings is None else timings
+        self.retrieval = RetrievalOptions(backend=backend, k=k, options=dict(backend_options or {}))
+        self.transfer_options = TransferOptions(temperature=temperature, class_chunk=class_chunk)
+        self.class_chunk = self.transfer_options.class_chunk
         self.settings = {"k": k, "temperature": temperature, "backend": backend,
                          "backend_options": dict(backend_options or {})}
         with timed(self.timings, "build_index_s"):
-            self.transfer = LabelTransfer.from_bank(bank, backend, k=k, temperature=temperature,
-                                                    **(backend_options or {}))
+            self.transfer = make_transfer(bank, self.retrieval, self.transfer_options)
         self._transforms: dict[tuple[int, int], EvalTransform] = {}
 
     # ----------------------------------------------------------------- construction
 
     @classmethod
     def from_examples(cls, images: Sequence[ImageInput], masks: Sequence[MaskInput],
-                      backbone: str | Backbone = "dinov2_vits14", weights: str | Path | None = None,
-                      features: str = "embeddings", feature_options: dict | None = None,
+                      backbone: Any = "dinov2_vits14", weights: str | Path | None = None,
+                      features: str = "embeddings", feature_options: FungiOptions | dict | None = None,
                       input_size: tuple[int, int] | None = None, k: int = 30, temperature: float = 0.02,
                       backend: str = "torch", num_classes: int | None = None, ignore_index: int | None = None,
                       class_names: Sequence[str] | None = None, augment_epochs: int = 0,
@@ -185,7 +184,7 @@ class InContextSegmenter:
         the other ids are small (as in VOC). The input size defaults to multiples of the patch with
         the long side near `long_side` and the examples' median aspect. `memory_size=None` keeps every
         patch; `augment_epochs=N` fills the bank from N passes of the benchmark's train augmentation
-        instead of one clean pass.
+        instead of one clean pass. `backbone` is a name or any model `create_encoder` takes.
         Further keywords (backend_options, match_orientation, class_chunk) go to the constructor.
         """
         if len(images) != len(masks) or not images:
@@ -210,31 +209,32 @@ class InContextSegmenter:
         info = DatasetInfo("examples", num_classes, ignore_index, class_names, False)
         for name, label in zip(names, labels):
             check_labels(label, info, Path(name))
+        feature_section = FeatureOptions(
+            kind=features,  # type: ignore[arg-type]
+            fungi=FungiOptions.from_mapping(feature_options) if isinstance(feature_options, dict)
+            else feature_options or FungiOptions(), support=SupportOptions(size=memory_size))
+        memory = MemoryOptions(size=memory_size, augmentation_epochs=max(augment_epochs, 1),
+                               augment=augment_epochs > 0, sampling=sampling, void="ignore")  # type: ignore[arg-type]
+        data = DataOptions(normalize=normalize, batch_size=batch_size, num_workers=0)  # type: ignore[arg-type]
+        RetrievalOptions(backend=backend, k=k), TransferOptions(temperature=temperature)  # checked before the model
         with timed(timings, "load_backbone_s"):
-            net = load_named_backbone(backbone, weights, pretrained, backbone_kwargs, device_, seed)
-        size = tuple(input_size) if input_size else default_input_size(
+            net = make_encoder(backbone, weights, pretrained, backbone_kwargs, device_, seed)
+        size = input_size_for(net, input_size) if input_size else default_input_size(
             [(p.height, p.width) for p in pictures], net.patch_size, long_side)
-        transform = (TrainTransform(size, normalize=normalize) if augment_epochs > 0
-                     else EvalTransform(size, normalize=normalize))
-        dataset = ExampleSet(pictures, labels, names, info, transform, seed)
-        config = pipeline_config(features, feature_options, memory_size, max(augment_epochs, 1), sampling,
-                                 batch_size, seed)
-        extractor = make_extractor(config, net, dataset, device_, timings)
         record = {"weights": None if weights is None else str(weights),
                   "pretrained": net.weights_id != "random",
                   "backbone_kwargs": dict(backbone_kwargs or {}), "normalize": normalize,
                   "ignore_index": ignore_index, "seed": seed, "augment_epochs": augment_epochs}
         log.info("building a memory bank from %d examples at input %dx%d (W x H), %d classes, %s features",
                  len(pictures), size[1], size[0], num_classes, features)
-        with timed(timings, "build_memory_s"):
-            bank = build_memory_bank(dataset, extractor, bank_spec(config, dataset), path=None,
-                                     manifest_extra={"segmenter": record}, batch_size=batch_size,
-                                     device=device_, distributed=False)
+        bank, extractor = build_memory(net, ExampleSet(pictures, labels, names, info, seed), input_size=size,
+                                       features=feature_section, memory=memory, data=data, device=device_,
+                                       seed=seed, timings=timings, manifest_extra={"segmenter": record})
         return cls(extractor, bank, size, normalize=normalize, k=k, temperature=temperature, backend=backend,
                    device=device_, timings=timings, **options)
 
     @classmethod
-    def from_memory(cls, path: str | Path, backbone: str | Backbone | None = None,
+    def from_memory(cls, path: str | Path, backbone: Any = None,
                     weights: str | Path | None = None, k: int = 30, temperature: float = 0.02,
                     backend: str = "torch", device: str = "auto", input_size: tuple[int, int] | None = None,
                     **options: Any) -> "InContextSegmenter":
@@ -253,8 +253,8 @@ class InContextSegmenter:
                                 f"pass the weights file")
             log.info("using the weights the bank records: %s", weights)
         with timed(timings, "load_backbone_s"):
-            net = load_named_backbone(backbone or recorded["backbone"], weights, record.get("pretrained", True),
-                                      record.get("backbone_kwargs"), device_, record.get("seed", 0))
+            net = make_encoder(backbone or recorded["backbone"], weights, record.get("pretrained", True),
+                               record.get("backbone_kwargs"), device_, record.get("seed", 0))
         extractor = build_patch_features(recorded["kind"], net, recorded["options"])
         if extractor.needs_support:
             load_support(extractor, Path(path))
@@ -272,9 +272,9 @@ class InContextSegmenter:
     # ----------------------------------------------------------------- facts
 
     @property
-    def backbone(self) -> Backbone:
-        """The frozen ViT."""
-        return self.extractor.backbone
+    def backbone(self) -> Encoder:
+        """The frozen encoder."""
+        return self.extractor.encoder
 
     @property
     def num_classes(self) -> int:

@@ -1,0 +1,226 @@
+"""`hbfungi segment` and `hbfungi demo`: options in, a folder run out (the logic is in segment.folders)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from hummingbird_fungi.config.loader import overrides_to_dict
+from hummingbird_fungi.config.schema import parse_size
+from hummingbird_fungi.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+DEMO_BACKBONE = "vit_tiny_patch16_224"
+DEMO_BACKBONE_KWARGS = {"patch_size": 8, "depth": 4}
+DEMO_LONG_SIDE = 224
+DEMO_SWEEP = (64, 16, 4)  # memory sizes of the demo's sweep, as divisors of the full bank
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Backbone, features, retrieval and batching options shared by `segment` and `demo`."""
+    parser.add_argument("--backbone", help="backbone name, e.g. dinov2_vits14, dino_vits16 (default: the bank's, "
+                                           "else dinov2_vits14)")
+    parser.add_argument("--weights", type=Path, help="local checkpoint (timm or original FAIR layout)")
+    parser.add_argument("--random-init", action="store_true", help="no pretrained weights (smoke tests only)")
+    parser.add_argument("--backbone-option", action="append", metavar="KEY=VALUE",
+                        help="timm model keyword, e.g. depth=4 (repeatable)")
+    parser.add_argument("--features", choices=("embeddings", "fungi"), default="embeddings",
+                        help="patch features: plain embeddings or FUNGI (default embeddings)")
+    parser.add_argument("--feature-option", action="append", metavar="KEY=VALUE",
+                        help="FUNGI option, e.g. negatives=support (repeatable)")
+    parser.add_argument("--input-size", help="network input WxH, multiples of the patch (default: long side 448, "
+                                             "the examples' aspect)")
+    parser.add_argument("--k", type=int, default=30, help="neighbours per patch (default 30)")
+    parser.add_argument("--temperature", type=float, default=0.02, help="softmax temperature (default 0.02)")
+    parser.add_argument("--backend", default="torch", help="retrieval backend: torch, faiss, faiss_ivfpq, ...")
+    parser.add_argument("--memory-size", type=int, help="memory-bank rows (default: every example patch)")
+    parser.add_argument("--augment-epochs", type=int, default=0, help="augmented passes over the examples")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid-rows", type=int, default=6, help="images in the overlay grid")
+
+
+def segmenter_options(args: argparse.Namespace) -> dict[str, Any]:
+    """from_examples keywords from the shared options."""
+    if args.weights is not None and not args.weights.is_file():
+        raise DataError(f"weights file {args.weights} does not exist")
+    return {"weights": args.weights, "pretrained": not args.random_init,
+            "backbone_kwargs": overrides_to_dict(args.backbone_option), "features": args.features,
+            "feature_options": overrides_to_dict(args.feature_option) or None,
+            "input_size": None if args.input_size is None else _size(args.input_size),
+            "k": args.k, "temperature": args.temperature, "backend": args.backend,
+            "memory_size": args.memory_size, "augment_epochs": args.augment_epochs,
+            "batch_size": args.batch_size, "device": args.device, "seed": args.seed}
+
+
+def _size(text: str) -> tuple[int, int]:
+    """--input-size WxH (or an int) -> (H, W), with a ConfigError naming the flag."""
+    try:
+        return parse_size(int(text) if text.isdigit() else text)
+    except ValueError as error:
+        raise ConfigError(f"--input-size {text!r}: {error}") from error
+
+
+def label_space_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """num_classes / ignore_index / class_names given as flags (they win over dataset.yaml)."""
+    space: dict[str, Any] = {}
+    if args.num_classes is not None:
+        space["num_classes"] = args.num_classes
+    if args.ignore_index is not None:
+        space["ignore_index"] = args.ignore_index
+    if args.class_names is not None:
+        space["class_names"] = [name.strip() for name in args.class_names.split(",")]
+    return space
+
+
+def build_segmenter(args: argparse.Namespace, examples: Path | None, memory: Path | None,
+                    **overrides: Any) -> tuple[Any, list[dict[str, str]]]:
+    """The segmenter of --examples (unreadable pairs skipped and returned) or of --memory."""
+    from hummingbird_fungi.segment.folders import segmenter_from_folder
+    from hummingbird_fungi.segment.segmenter import InContextSegmenter
+
+    options = {**segmenter_options(args), "backbone": args.backbone or "dinov2_vits14", **overrides}
+    if memory is not None:
+        segmenter = InContextSegmenter.from_memory(
+            memory, backbone=args.backbone, weights=options["weights"], k=options["k"],
+            temperature=options["temperature"], backend=options["backend"], device=options["device"],
+            input_size=options["input_size"])
+        return segmenter, []
+    return segmenter_from_folder(examples, **options, **label_space_flags(args))
+
+
+def finish(summary: dict[str, Any], out: Path) -> None:
+    """Write `<out>/summary.json`, print the metrics and where everything is."""
+    from hummingbird_fungi.cli.main import print_metrics
+    from hummingbird_fungi.fileio import write_json
+
+    write_json(out / "summary.json", summary)
+    if "metrics" in summary:
+        print_metrics(summary["metrics"])
+    failed = summary["segment"]["failed"] + summary.get("failed_examples", [])
+    for failure in failed:
+        print(f"skipped {failure['file']}: {failure['error']}")
+    print(f"{summary['segment']['num_segmented']}/{summary['segment']['num_images']} images segmented -> "
+          f"{out / 'masks'}, {out / 'overlays'}; grid {out / 'grid.png'}; summary {out / 'summary.json'}")
+
+
+def run_segment(args: argparse.Namespace, examples: Path | None, memory: Path | None, images: Path,
+                ground_truth: Path | None, out: Path, notes: Sequence[str] = (),
+                **overrides: Any) -> tuple[dict[str, Any], Any]:
+    """Build or load the segmenter, segment the image folder; the summary and the segmenter."""
+    from hummingbird_fungi.segment.folders import segment_folder
+
+    start = time.perf_counter()
+    segmenter, failed_examples = build_segmenter(args, examples, memory, **overrides)
+    if args.save_memory is not None:
+        segmenter.save(args.save_memory)
+    record = {"notes": list(notes), "examples": None if examples is None else str(examples),
+              "memory": None if memory is None else str(memory), "failed_examples": failed_examples}
+    summary = segment_folder(segmenter, images, out, ground_truth, args.batch_size, args.grid_rows, record)
+    summary["timings"]["total_s"] = time.perf_counter() - start
+    return summary, segmenter
+
+
+def cmd_segment(args: argparse.Namespace) -> None:
+    """`hbfungi segment`."""
+    if (args.examples is None) == (args.memory is None):
+        raise ConfigError("pass exactly one of --examples DIR and --memory PATH")
+    summary, _ = run_segment(args, args.examples, args.memory, args.images, args.ground_truth, args.out)
+    finish(summary, args.out)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def demo_sources(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags, else HBFUNGI_* environment variables, for backbone, weights, examples and images."""
+    env = os.environ.get
+    sources = {"backbone": args.backbone or env("HBFUNGI_BACKBONE"),
+               "weights": args.weights or (Path(env("HBFUNGI_WEIGHTS")) if env("HBFUNGI_WEIGHTS") else None),
+               "examples": args.examples or (Path(env("HBFUNGI_EXAMPLES")) if env("HBFUNGI_EXAMPLES") else None),
+               "images": args.images or (Path(env("HBFUNGI_IMAGES")) if env("HBFUNGI_IMAGES") else None)}
+    if (sources["examples"] is None) != (sources["images"] is None):
+        raise ConfigError("give both --examples and --images (or HBFUNGI_EXAMPLES and HBFUNGI_IMAGES), or neither")
+    if sources["weights"] is not None and sources["backbone"] is None:
+        raise ConfigError("--weights (HBFUNGI_WEIGHTS) needs --backbone NAME (HBFUNGI_BACKBONE), e.g. dinov2_vits14")
+    return sources
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """`hbfungi demo`: the segment path on the embedded scenes with a random ViT, or on what is given."""
+    from hummingbird_fungi.segment.demo_data import write_demo_data
+
+    sources = demo_sources(args)
+    out: Path = args.out
+    notes, overrides = [], {}
+    if sources["examples"] is None:
+        dirs = write_demo_data(out / "data", seed=args.seed)
+        examples, images, ground_truth = dirs["examples"], dirs["images"], dirs["ground_truth"]
+        notes.append(f"DATA IS SYNTHETIC: procedurally generated street-like scenes (hummingbird_fungi.segment.demo_data, "
+                     f"seed {args.seed}) under {out / 'data'}; not real photographs")
+    else:
+        examples, images, ground_truth = sources["examples"], sources["images"], args.ground_truth
+        notes.append(f"data: examples {examples}, images {images}")
+    args.weights = sources["weights"]
+    if sources["backbone"] is None:
+        args.backbone, args.random_init = DEMO_BACKBONE, True
+        overrides.update(backbone_kwargs={**DEMO_BACKBONE_KWARGS, **overrides_to_dict(args.backbone_option)},
+                         long_side=DEMO_LONG_SIDE)
+        notes.append(f"WEIGHTS ARE RANDOM: a randomly initialised {DEMO_BACKBONE} "
+                     f"({DEMO_BACKBONE_KWARGS}), no pretrained weights; the masks show the pipeline at work, "
+                     f"not what a trained ViT does (pass --backbone/--weights or HBFUNGI_BACKBONE/HBFUNGI_WEIGHTS)")
+    else:
+        args.backbone = sources["backbone"]
+        described = args.weights if args.weights is not None else ("random init" if args.random_init
+                                                                    else "pretrained hub weights")
+        notes.append(f"backbone: {args.backbone} with {described}")
+    for note in notes:
+        log.warning("%s", note)
+    summary, segmenter = run_segment(args, examples, None, images, ground_truth, out, notes=notes, **overrides)
+    if "metrics" in summary:
+        from hummingbird_fungi.segment.folders import sweep_and_plot
+
+        build = {**overrides, "backbone": segmenter.backbone}
+        summary["memory_sweep"] = sweep_and_plot(
+            lambda size: build_segmenter(args, examples, None, memory_size=size, **build)[0], summary, images,
+            ground_truth, DEMO_SWEEP, out / "miou_vs_memory.png", summary["segmenter"]["features"]["kind"],
+            args.batch_size)
+    finish(summary, out)
+    for note in notes:
+        print(note)
+
+
+def add_segment_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `segment` and `demo` to the hbfungi sub-commands."""
+    seg = subparsers.add_parser("segment", help="segment a folder of images from a few annotated examples",
+                                description="Segment every image of --images with a memory bank built from "
+                                            "--examples (images/<stem>.*, masks/<stem>.png) or loaded from --memory.")
+    seg.add_argument("--examples", type=Path, help="folder with images/<stem>.* and masks/<stem>.png")
+    seg.add_argument("--memory", type=Path, help="a saved memory bank instead of --examples")
+    seg.add_argument("--images", type=Path, required=True, help="folder of images to segment")
+    seg.add_argument("--out", type=Path, required=True, help="output folder")
+    seg.add_argument("--ground-truth", type=Path, help="folder of <stem>.png masks of --images: adds metrics")
+    seg.add_argument("--save-memory", type=Path, help="also save the memory bank here (reuse with --memory)")
+    seg.add_argument("--num-classes", type=int, help="classes (default: dataset.yaml, else largest id + 1)")
+    seg.add_argument("--ignore-index", type=int, help="void id of the example masks (255 is void by default)")
+    seg.add_argument("--class-names", help="comma-separated class names, id order")
+    add_model_args(seg)
+    seg.set_defaults(func=cmd_segment)
+
+    demo = subparsers.add_parser("demo", help="segment the embedded synthetic scenes (or given folders)",
+                                 description="Run `segment` on procedurally generated scenes with a randomly "
+                                             "initialised ViT, or on --examples/--images with --backbone/--weights "
+                                             "(also HBFUNGI_EXAMPLES, HBFUNGI_IMAGES, HBFUNGI_BACKBONE, "
+                                             "HBFUNGI_WEIGHTS). Writes masks, overlays, plots and summary.json.")
+    demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
+    demo.add_argument("--examples", type=Path, help="folder with images/ and masks/ (default: synthetic)")
+    demo.add_argument("--images", type=Path, help="folder of images to segment (default: synthetic)")
+    demo.add_argument("--ground-truth", type=Path, help="masks of --images, for metrics")
+    add_model_args(demo)
+    demo.set_defaults(func=cmd_demo, num_classes=None, ignore_index=None, class_names=None, save_memory=None)

@@ -1,0 +1,291 @@
+"""The typed options of every stage, shared by the Python API, the presets and the command line.
+
+`HbirdConfig` is the schema of `hbfungi hbird`, `build-memory` and `evaluate`; `KnnConfig` the
+schema of `hbfungi knn`. The sections (`MemoryOptions`, `RetrievalOptions`, `FungiOptions`, ...)
+are what `evaluate`, `InContextSegmenter` and the feature extractors take. Protocol background
+for each key: docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from hummingbird_fungi.config.typed import Section, at_least, in_unit_interval, option, positive
+from hummingbird_fungi.errors import ConfigError
+
+Normalize = Literal["reference", "imagenet"]
+Autocast = Literal["auto", "bf16", "off"]
+Dtype = Literal["float16", "float32"]
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def parse_size(value: Any) -> tuple[int, int]:
+    """An input size as (H, W): an int (square), [H, W], or a 'WxH' string."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, str) and "x" in value.lower():
+        width, height = value.lower().split("x", 1)
+        return int(height), int(width)
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return value[0], value[1]
+    raise ValueError("expected an int, [H, W] or 'WxH'")
+
+
+def check_device(value: str) -> str | None:
+    """A check for a torch device name."""
+    return None if _DEVICE.match(value) else "expected auto, cpu, cuda, cuda:N or mps"
+
+
+# --------------------------------------------------------------------------- model and data
+
+
+@dataclass
+class ModelOptions(Section):
+    """The named backbone of the presets and the command line (the Python API also takes any module)."""
+
+    key = "model"
+    name: str = option("dino_vits16", doc="short name (dino_vits16, dinov2_vits14, ...) or any timm ViT name")
+    weights: str | None = option(None, doc="local checkpoint (timm or FAIR layout); null: hub weights")
+    pretrained: bool = option(True, doc="false: random initialisation (smoke tests)")
+    input_size: tuple[int, int] = option((512, 512), parse=parse_size, check=positive,
+                                         doc="network input (H, W); an int for square; multiples of the patch")
+
+
+@dataclass
+class DataOptions(Section):
+    """A segmentation dataset's memory (train) and evaluation splits and how they are loaded."""
+
+    key = "data"
+    kind: Literal["voc", "ade20k", "folder"] = option("voc", doc="dataset layout")
+    root: str | None = option(None, doc="dataset root folder")
+    train_split: str = option("trainaug", doc="split that fills the memory bank")
+    eval_split: str = option("val", doc="split that is segmented and scored")
+    train_file_set: str | None = option(None, doc="file with the ids of the memory images")
+    eval_file_set: str | None = option(None, doc="file with the ids of the evaluation images")
+    max_train_images: int | None = option(None, check=at_least(1),
+                                          doc="a seeded random subset of this many memory images")
+    max_eval_images: int | None = option(None, check=at_least(1),
+                                         doc="a seeded random subset of this many evaluation images")
+    normalize: Normalize = option("reference", doc="reference: the public code's std (0.229, 0.224, 0.255)")
+    eval_resolution: Literal["input", "original"] = option("input", doc="score at the network input or label size")
+    batch_size: int = option(4, check=at_least(1), doc="images per batch")
+    num_workers: int = option(2, check=at_least(0), doc="data-loading worker processes")
+
+
+# --------------------------------------------------------------------------- features
+
+
+@dataclass
+class FungiOptions(Section):
+    """Patch-level FUNGI: the loss, its gradient layer, the projection and how the parts combine."""
+
+    key = "features.fungi"
+    head_dim: int = option(96, check=at_least(1), doc="output size of the random head")
+    head_seed: int = option(0, doc="seed of the random head")
+    projection: Literal["dense", "structured"] = option("structured", doc="dense: the reference's +-1 matrix")
+    rank: int = option(4, check=at_least(1), doc="rank of the structured projection")
+    projection_distribution: Literal["sign", "gaussian"] = option("sign", doc="entries of the structured factors")
+    projection_seed: int = option(0, doc="seed of the projection")
+    out_dim: int | None = option(None, check=at_least(1), doc="projected gradient size; null: the token size")
+    tau: float = option(0.07, check=positive, doc="InfoNCE temperature")
+    tau_placement: Literal["positive", "both"] = option("positive", doc="which InfoNCE terms tau divides")
+    negatives: Literal["none", "support", "support_scrambled"] = option("none", doc="InfoNCE negatives")
+    neg_k: int = option(5, check=at_least(1), doc="support neighbours retrieved per token")
+    n_neg: int = option(2, check=at_least(1), doc="negatives kept per token (<= neg_k)")
+    keep_prob: float = option(0.5, check=in_unit_interval, doc="probability of keeping each negative")
+    neg_seed: int = option(0, doc="seed of the negative keep-mask")
+    exclude_same_image: bool = option(True, doc="skip support rows of the query's own image")
+    layer: str | None = option(None, doc="dotted path of the nn.Linear whose gradient is used; "
+                                         "null: the encoder's default (last block's attn.proj for ViTs)")
+    grad_weight: float = option(1.0, check=at_least(0), doc="weight w of the gradient part")
+    autocast: Autocast = option("auto", doc="bf16 autocast: auto (CUDA only), bf16 or off")
+    token_chunk: int = option(1024, check=at_least(1), doc="tokens per projection block")
+
+    def validate(self) -> None:
+        if self.n_neg > self.neg_k:
+            raise ConfigError(f"{self.key}.n_neg={self.n_neg} must be <= {self.key}.neg_k={self.neg_k}")
+
+
+@dataclass
+class SupportOptions(Section):
+    """The support bank of raw patch embeddings that supplies FUNGI negatives."""
+
+    key = "features.support"
+    size: int | None = option(102400, check=at_least(1), doc="support rows; null: every patch")
+    augmentation_epochs: int = option(1, check=at_least(1), doc="augmented passes over the memory images")
+
+
+@dataclass
+class FeatureOptions(Section):
+    """Which patch features fill the memory bank and query it."""
+
+    key = "features"
+    kind: Literal["embeddings", "fungi"] = option("embeddings", doc="embeddings or fungi")
+    fungi: FungiOptions = option(factory=FungiOptions)
+    support: SupportOptions = option(factory=SupportOptions)
+
+
+# --------------------------------------------------------------------------- memory, retrieval, transfer
+
+
+@dataclass
+class MemoryOptions(Section):
+    """How the memory bank is filled and stored."""
+
+    key = "memory"
+    size: int | None = option(102400, check=at_least(1), doc="bank rows; null: every patch of every image")
+    augmentation_epochs: int = option(1, check=at_least(1), doc="passes over the memory images")
+    augment: bool = option(True, doc="train augmentation (colour jitter, random resized crop)")
+    sampling: Literal["label_aware", "uniform"] = option("label_aware", doc="which patches a bounded bank keeps")
+    void: Literal["auto", "background", "ignore"] = option("auto", doc="void pixels in soft labels")
+    dtype: Dtype = option("float16", doc="stored feature type")
+    label_dtype: Dtype = option("float16", doc="stored soft-label type")
+    shard_images: int = option(256, check=at_least(1), doc="images per shard on disk")
+    path: str | None = option(None, doc="bank folder (built if missing, reused if present)")
+
+
+@dataclass
+class RetrievalOptions(Section):
+    """The nearest-neighbour search over the bank."""
+
+    key = "retrieval"
+    backend: str = option("torch", doc="torch, faiss, faiss_ivfpq, faiss_hnsw or scann")
+    k: int = option(30, check=at_least(1), doc="neighbours per patch")
+    options: dict[str, Any] = option(factory=dict, doc="backend options (e.g. nprobe, device)")
+
+
+@dataclass
+class TransferOptions(Section):
+    """How neighbours' soft labels become a patch's class distribution."""
+
+    key = "transfer"
+    temperature: float = option(0.02, check=positive, doc="softmax temperature over neighbour cosines")
+    rescore: bool = option(True, doc="re-score neighbours with exact cosines")
+    rerank: int = option(0, check=at_least(0), doc="candidates re-ranked exactly (approximate backends)")
+    class_chunk: int = option(32, check=at_least(1), doc="classes upsampled at a time")
+
+
+@dataclass
+class HbirdConfig(Section):
+    """Schema of `hbfungi hbird | build-memory | evaluate`."""
+
+    seed: int = option(0, check=at_least(0), doc="seed of every random choice")
+    device: str = option("auto", check=check_device, doc="auto, cpu, cuda, cuda:N")
+    model: ModelOptions = option(factory=ModelOptions)
+    data: DataOptions = option(factory=DataOptions)
+    features: FeatureOptions = option(factory=FeatureOptions)
+    memory: MemoryOptions = option(factory=MemoryOptions)
+    retrieval: RetrievalOptions = option(factory=RetrievalOptions)
+    transfer: TransferOptions = option(factory=TransferOptions)
+
+
+# --------------------------------------------------------------------------- image-level kNN
+
+
+@dataclass
+class KLOptions(Section):
+    """Image FUNGI KL objective: softmax of a random head against the uniform distribution."""
+
+    key = "features.kl"
+    batch_size: int = option(64, check=at_least(1), doc="images per gradient batch")
+    temperature: float = option(15.0, check=positive, doc="softmax temperature")
+    latent_dim: int = option(768, check=at_least(1), doc="head output size")
+
+
+@dataclass
+class DinoOptions(Section):
+    """Image FUNGI DINO objective: self-distillation between global and local views."""
+
+    key = "features.dino"
+    batch_size: int = option(16, check=at_least(1), doc="images per gradient batch")
+    global_views: int = option(2, check=at_least(1), doc="teacher (global) views")
+    local_views: int = option(10, check=at_least(0), doc="extra student (local) views")
+    global_scale: tuple[float, float] = option((0.25, 1.0), check=positive, doc="area range of global crops")
+    local_scale: tuple[float, float] = option((0.05, 0.25), check=positive, doc="area range of local crops")
+    latent_dim: int = option(2048, check=at_least(1), doc="head output size")
+    teacher_temperature: float = option(0.07, check=positive, doc="teacher softmax temperature")
+    student_temperature: float = option(0.1, check=positive, doc="student softmax temperature")
+
+
+@dataclass
+class SimCLROptions(Section):
+    """Image FUNGI SimCLR objective: InfoNCE between an image's patch views against negative images."""
+
+    key = "features.simclr"
+    batch_size: int = option(36, check=at_least(1), doc="images per gradient batch")
+    num_patches: int = option(4, check=at_least(1), doc="views per side")
+    stride_scale: float = option(6.0, check=positive, doc="window stride divisor")
+    latent_dim: int = option(96, check=at_least(1), doc="head output size")
+    negatives: int = option(256, check=at_least(1), doc="negative images")
+    temperature: float = option(0.07, check=positive, doc="InfoNCE temperature")
+    tau_placement: Literal["positive", "both"] = option("both", doc="which InfoNCE terms tau divides")
+
+
+@dataclass
+class ImageFeatureOptions(Section):
+    """Image-level feature blocks: the embedding and the projected gradients of each objective."""
+
+    key = "features"
+    embedding: bool = option(True, doc="include the embedding block")
+    objectives: list[Literal["kl", "dino", "simclr"]] = option(factory=lambda: ["kl", "dino", "simclr"],
+                                                              doc="gradient blocks")
+    projection: Literal["dense", "structured"] = option("dense", doc="gradient projection")
+    rank: int = option(4, check=at_least(1), doc="rank of the structured projection")
+    projection_distribution: Literal["sign", "gaussian"] = option("sign", doc="entries of the structured factors")
+    layer: str | None = option(None, doc="gradient layer; null: the encoder's default")
+    autocast: Autocast = option("auto", doc="bf16 autocast: auto (CUDA only), bf16 or off")
+    cache_dir: str | None = option(None, doc="feature cache folder; null: no cache")
+    chunk_size: int = option(256, check=at_least(1), doc="images per cache chunk")
+    kl: KLOptions = option(factory=KLOptions)
+    dino: DinoOptions = option(factory=DinoOptions)
+    simclr: SimCLROptions = option(factory=SimCLROptions)
+
+
+@dataclass
+class ClassificationDataOptions(Section):
+    """An image-classification dataset's train and evaluation splits."""
+
+    key = "data"
+    kind: str = option("digits", doc="digits, imagefolder, cub, or a torchvision dataset (cifar10, ...)")
+    root: str | None = option(None, doc="dataset root (not needed for digits)")
+    train_split: str = option("train", doc="split of the kNN train rows")
+    eval_split: str = option("test", doc="split that is classified")
+    max_train_images: int | None = option(None, check=at_least(1), doc="a seeded random subset of this many")
+    max_eval_images: int | None = option(None, check=at_least(1), doc="a seeded random subset of this many")
+    batch_size: int = option(64, check=at_least(1), doc="images per embedding batch")
+    num_workers: int = option(2, check=at_least(0), doc="data-loading worker processes")
+
+
+@dataclass
+class KnnOptions(Section):
+    """The kNN classifier and the train settings it is run on."""
+
+    key = "knn"
+    k: int = option(20, check=at_least(1), doc="neighbours")
+    pca: int | None = option(512, check=at_least(1), doc="PCA size (when smaller than rows and dim)")
+    vote: list[Literal["uniform", "weighted"]] = option(factory=lambda: ["uniform"], doc="vote rules")
+    temperature: float = option(0.07, check=positive, doc="temperature of the weighted vote")
+    shots: list[int | Literal["full"]] = option(factory=lambda: ["full", 5], check=at_least(1),
+                                                doc="train rows per class: full or a number")
+    few_shot_rule: list[Literal["first", "random"]] = option(factory=lambda: ["first"],
+                                                             doc="first in dataset order, or seeded random")
+    few_shot_seeds: list[int] = option(factory=lambda: [0, 1, 2], doc="seeds of random few-shot draws")
+    combinations: Literal["all"] | list[str] = option("all", doc="'all' or names like emb+kl")
+
+
+@dataclass
+class KnnConfig(Section):
+    """Schema of `hbfungi knn`."""
+
+    seed: int = option(0, check=at_least(0), doc="seed of every random choice")
+    device: str = option("auto", check=check_device, doc="auto, cpu, cuda, cuda:N")
+    model: ModelOptions = option(factory=lambda: ModelOptions(name="dinov2_vits14", input_size=(224, 224)))
+    data: ClassificationDataOptions = option(factory=ClassificationDataOptions)
+    features: ImageFeatureOptions = option(factory=ImageFeatureOptions)
+    knn: KnnOptions = option(factory=KnnOptions)
+
+    def validate(self) -> None:
+        if self.model.input_size[0] != self.model.input_size[1]:
+            raise ConfigError(f"model.input_size={list(self.model.input_size)}: image-level FUNGI needs a square input")

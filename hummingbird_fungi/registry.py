@@ -1,0 +1,40 @@
+"""One small registry of named factories (feature kinds, datasets, indexes, projections, objectives)."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable, Generic, TypeVar
+
+from hummingbird_fungi.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Factories by name; `get` refuses an unknown name with the valid ones and a suggestion."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._factories: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator that adds a factory under `name` (and returns it unchanged)."""
+        def add(factory: T) -> T:
+            self._factories[name] = factory
+            return factory
+        return add
+
+    def get(self, name: str) -> T:
+        """The factory registered under `name`; ConfigError naming the valid names otherwise."""
+        if name not in self._factories:
+            close = difflib.get_close_matches(str(name), list(self._factories), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown {self.what} {name!r}{hint}; choose one of {', '.join(self.names())}")
+        return self._factories[name]
+
+    def names(self) -> list[str]:
+        """The registered names, sorted."""
+        return sorted(self._factories)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._factories
