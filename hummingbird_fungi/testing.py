@@ -1,16 +1,21 @@
-"""Small seeded builders shared by the tests and tools: tiny CPU-fast models of each kind an Encoder wraps.
+"""Small seeded builders shared by the tests and tools: tiny CPU-fast models of each kind an Encoder
+wraps, and generated toy street scenes written as a folder dataset.
 
-None of these has trained weights; they exist to exercise shapes, token order and hooks quickly.
-Every builder seeds its own RNG stream and leaves the global torch RNG untouched.
+None of the models has trained weights; they exist to exercise shapes, token order and hooks quickly.
+Every model builder seeds its own RNG stream and leaves the global torch RNG untouched.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 import torchvision
 from timm.models.vision_transformer import Block, VisionTransformer
+from PIL import Image
 from torch import Tensor, nn
 
 HUB_PATCH = 16  # patch size of the tiny torch.hub-style ViTs
@@ -131,6 +136,42 @@ class TinyDinov2Hub(_TinyHubViT):
                 "x_norm_patchtokens": normed[:, 1 + r:], "x_prenorm": prenorm}
 
 
-def mean_token_fn(model: VisionTransformer, images: Tensor) -> tuple[Tensor, None]:
+def patch_token_fn(model: VisionTransformer, images: Tensor) -> tuple[Tensor, None]:
     """Example open-hummingbird-eval feature function: (timm ViT patch tokens (B, h*w, E), no attention map)."""
     return model.forward_features(images)[:, model.num_prefix_tokens:], None
+
+
+# --------------------------------------------------------------------------- generated data
+
+
+CLASSES = ("sky", "road", "car")
+VOID = 3
+
+
+def make_scene(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A toy street scene: sky above, road below, a red car box, void pixels on a line."""
+    h, w = size
+    horizon = int(rng.integers(h // 3, 2 * h // 3))
+    mask = np.zeros((h, w), np.uint8)
+    mask[horizon:] = 1
+    top, left = int(rng.integers(horizon - 8, h - 12)), int(rng.integers(0, w - 20))
+    mask[top:top + 12, left:left + 20] = 2
+    colours = np.array([[90, 140, 230], [110, 110, 110], [200, 30, 30]], np.float32)
+    image = colours[mask] + rng.normal(0, 12, (h, w, 3))
+    mask[horizon, :] = VOID
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def make_folder_dataset(root: Path, n_train: int = 6, n_val: int = 3, size=(64, 64), seed: int = 0) -> Path:
+    """Write images/<split>, annotations/<split> and dataset.yaml under `root`."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image, mask = make_scene(rng, size)
+            Image.fromarray(image).save(root / "images" / split / f"{split}{i:03d}.png")
+            Image.fromarray(mask).save(root / "annotations" / split / f"{split}{i:03d}.png")
+    (root / "dataset.yaml").write_text(
+        f"name: toy\nnum_classes: 3\nignore_index: {VOID}\nclasses: [{', '.join(CLASSES)}]\n")
+    return root

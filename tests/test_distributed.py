@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_folder_dataset
+from hummingbird_fungi.testing import make_folder_dataset
 
 TINY = ["model.name=vit_tiny_patch16_224", "model.pretrained=false", "model.input_size=[64,64]",
         "data.kind=folder", "data.train_split=train", "data.eval_split=val", "data.num_workers=0",

@@ -10,9 +10,10 @@ from torch import Tensor, nn
 
 from hummingbird_fungi.errors import ConfigError
 from hummingbird_fungi.models.encoders import (CallableEncoder, ConvEncoder, Encoder, HubViTEncoder,
-                                               TimmViTEncoder, TorchvisionViTEncoder, create_encoder,
+                                               TimmViTEncoder, TorchvisionViTEncoder,
                                                module_fingerprint)
-from hummingbird_fungi.testing import (TinyCNN, TinyDinoHub, TinyDinov2Hub, mean_token_fn, tiny_timm_vit,
+from hummingbird_fungi.models.factory import create_encoder
+from hummingbird_fungi.testing import (TinyCNN, TinyDinoHub, TinyDinov2Hub, patch_token_fn, tiny_timm_vit,
                                        tiny_torchvision_vit)
 
 E = 32
@@ -26,7 +27,7 @@ ADAPTERS: dict[str, tuple[Callable[[], Encoder], int]] = {
     "dinov2_hub": (lambda: HubViTEncoder(TinyDinov2Hub(num_register_tokens=4)), 5),
     "torchvision": (lambda: TorchvisionViTEncoder(tiny_torchvision_vit()), 1),
     "cnn": (lambda: ConvEncoder(TinyCNN(stride=16, dim=E), stride=16), 0),
-    "callable": (lambda: CallableEncoder(tiny_timm_vit(), mean_token_fn, patch_size=16, embed_dim=E), 0),
+    "callable": (lambda: CallableEncoder(tiny_timm_vit(), patch_token_fn, patch_size=16, embed_dim=E), 0),
 }
 
 
@@ -164,13 +165,13 @@ def test_callable_tuple_or_tensor_and_shape_checks():
     x = images(48, 80)
     with torch.no_grad():
         expected = model.forward_features(x)[:, 1:]
-        assert torch.equal(CallableEncoder(model, mean_token_fn, 16, E)(x), expected)
-        plain = CallableEncoder(model, lambda m, im: mean_token_fn(m, im)[0], 16, E)
+        assert torch.equal(CallableEncoder(model, patch_token_fn, 16, E)(x), expected)
+        plain = CallableEncoder(model, lambda m, im: patch_token_fn(m, im)[0], 16, E)
         assert torch.equal(plain(x), expected)
         with pytest.raises(ConfigError, match=r"\(2, 15, 32\).*\(2, 60, 32\)"):
-            CallableEncoder(model, mean_token_fn, patch_size=8, embed_dim=E)(x)
+            CallableEncoder(model, patch_token_fn, patch_size=8, embed_dim=E)(x)
         with pytest.raises(ConfigError, match=r"\(2, 15, 32\).*\(2, 15, 16\)"):
-            CallableEncoder(model, mean_token_fn, patch_size=16, embed_dim=16)(x)
+            CallableEncoder(model, patch_token_fn, patch_size=16, embed_dim=16)(x)
 
 
 @pytest.mark.parametrize("kind", ["timm", "timm_registers", "dino_hub", "dinov2_hub", "torchvision"])
@@ -235,7 +236,7 @@ def test_create_encoder_dispatch():
         (TinyDinoHub(), {}, HubViTEncoder),
         (TinyDinov2Hub(), {}, HubViTEncoder),
         (TinyCNN(), {"stride": 16}, ConvEncoder),
-        (tiny_timm_vit(), {"feature_fn": mean_token_fn, "patch_size": 16, "embed_dim": E}, CallableEncoder),
+        (tiny_timm_vit(), {"feature_fn": patch_token_fn, "patch_size": 16, "embed_dim": E}, CallableEncoder),
     ]
     for model, kwargs, cls in cases:
         encoder = create_encoder(model, device="cpu", **kwargs)
@@ -252,7 +253,7 @@ def test_create_encoder_errors():
     with pytest.raises(ConfigError, match=r"feature_fn=.*stride="):
         create_encoder(object())
     with pytest.raises(ConfigError, match="patch_size="):
-        create_encoder(tiny_timm_vit(), feature_fn=mean_token_fn)
+        create_encoder(tiny_timm_vit(), feature_fn=patch_token_fn)
     with pytest.raises(ConfigError, match="stride"):
         create_encoder(tiny_timm_vit(), stride=16)
     with pytest.raises(ConfigError, match="pretrained"):

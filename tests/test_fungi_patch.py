@@ -44,7 +44,7 @@ def images() -> torch.Tensor:
 
 
 def reference_loss(z: torch.Tensor, negatives: torch.Tensor, tau: float) -> torch.Tensor:
-    """FH's info_nce_loss for one image as written (broadcast cosine, -1e4 diagonal), in fp32."""
+    """The FUNGI segmentation code's info_nce_loss for one image as written (broadcast cosine, -1e4 diagonal), in fp32."""
     tokens, k = z.shape[0], negatives.shape[0]
     columns = F.normalize(torch.cat([negatives, z]), dim=-1)
     sim = F.cosine_similarity(F.normalize(z, dim=-1)[:, None], columns[None], dim=-1)  # (T, K + T)
@@ -57,7 +57,7 @@ def reference_loss(z: torch.Tensor, negatives: torch.Tensor, tau: float) -> torc
 
 
 def reference_negatives(ext: FungiPatchFeatures, tokens: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-    """FH's negatives for one image's tokens (T, E): exact top-k, gather, (buggy) reshape, head, keep-mask."""
+    """The FUNGI segmentation code's negatives for one image's tokens (T, E): exact top-k, gather, (buggy) reshape, head, keep-mask."""
     count, dim = tokens.shape
     ids = (F.normalize(tokens, dim=-1) @ support.T).topk(ext.neg_k, dim=1).indices  # (T, K)
     rows = support[ids.reshape(-1)]
@@ -210,7 +210,7 @@ def test_scrambled_negatives_reproduce_reference_reshape() -> None:
         block = support[ids[0, t]].reshape(-1)  # the token's concatenated K*E values
         for n in range(2):
             for e in range(5):
-                assert scrambled[0, t, n, e] == block[e * 3 + n]  # spec 10.1: offset e*K + n
+                assert scrambled[0, t, n, e] == block[e * 3 + n]  # the reference's reshape bug: offset e*K + n
     reference = support[ids.reshape(-1)].reshape(1, 2, 5, 3).permute(0, 1, 3, 2)[:, :, :2]
     assert torch.equal(scrambled, reference)
 

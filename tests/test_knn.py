@@ -209,7 +209,7 @@ def test_imagefolder_and_missing_datasets(tmp_path) -> None:
     assert time.perf_counter() - start < 10  # nothing waits on the network
     with pytest.raises(DataError, match="data.root"):
         load_classification("cifar10", None, "train")
-    with pytest.raises(DataError, match="unknown"):
+    with pytest.raises(ConfigError, match="unknown data.kind 'mnist2'"):
         load_classification("mnist2", tmp_path, "train")
 
 

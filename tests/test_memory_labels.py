@@ -1,4 +1,4 @@
-"""Soft labels and the label-aware sampling rule (spec 4.2) on hand-made label maps."""
+"""Soft labels and the label-aware sampling rule (docs/protocol.md#label-aware-sampling) on hand-made label maps."""
 
 import torch
 
@@ -58,7 +58,7 @@ def test_label_aware_prefers_rare_patches():
 
 
 def test_patches_per_image_matches_reference_table():
-    # spec 4.2 table: VOC trainaug, 512 px (1024 patches)
+    # n_img of the reference settings: VOC trainaug, 512 px (1024 patches)
     assert patches_per_image(102400, 10582, 1, 1024) == 9
     assert patches_per_image(1024000, 10582, 2, 1024) == 48
     assert patches_per_image(10240000, 20210, 1, 1024) == 506

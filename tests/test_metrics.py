@@ -135,7 +135,7 @@ def test_ade_like_ignore_zero_and_exclude():
     miou, per_class = miou_standard(cm.matrix, exclude=0)
     assert miou == pytest.approx(np.mean(iou[1:]))
     assert math.isnan(per_class[0])
-    identity_ref = sum(iou[1:]) / classes  # spec 10.5: sum over 1..C-1, divided by C
+    identity_ref = sum(iou[1:]) / classes  # ADE20K reference: sum over 1..C-1, divided by C
     ref = miou_reference(cm.matrix)[0]
     assert ref == pytest.approx(brute_reference(preds, targets, classes, ignore=0))
     assert ref >= identity_ref - 1e-12

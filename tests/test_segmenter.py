@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import VOID
+from hummingbird_fungi.testing import VOID
 from PIL import Image
 
 from hummingbird_fungi.models.backbones import load_backbone

@@ -1,4 +1,4 @@
-"""Image/mask reading, seeds and the train/eval transforms (spec sections 1.3 and 2)."""
+"""Image/mask reading, seeds and the train/eval transforms (docs/protocol.md#datasets, #transforms)."""
 
 import numpy as np
 import pytest

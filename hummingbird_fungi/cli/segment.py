@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from hummingbird_fungi.cli.output import print_metrics, write_results
 from hummingbird_fungi.config.loader import overrides_to_dict
 from hummingbird_fungi.config.schema import parse_size
 from hummingbird_fungi.errors import ConfigError, DataError
@@ -97,10 +98,7 @@ def build_segmenter(args: argparse.Namespace, examples: Path | None, memory: Pat
 
 def finish(summary: dict[str, Any], out: Path) -> None:
     """Write `<out>/summary.json`, print the metrics and where everything is."""
-    from hummingbird_fungi.cli.main import print_metrics
-    from hummingbird_fungi.fileio import write_json
-
-    write_json(out / "summary.json", summary)
+    write_results(summary, out / "summary.json")
     if "metrics" in summary:
         print_metrics(summary["metrics"])
     failed = summary["segment"]["failed"] + summary.get("failed_examples", [])

@@ -54,24 +54,31 @@ class ModelOptions(Section):
 
 
 @dataclass
-class DataOptions(Section):
-    """A segmentation dataset's memory (train) and evaluation splits and how they are loaded."""
+class SplitOptions(Section):
+    """The two splits of a dataset (memory or kNN train rows, and evaluation) and how they are loaded."""
 
     key = "data"
-    kind: Literal["voc", "ade20k", "folder"] = option("voc", doc="dataset layout")
     root: str | None = option(None, doc="dataset root folder")
-    train_split: str = option("trainaug", doc="split that fills the memory bank")
-    eval_split: str = option("val", doc="split that is segmented and scored")
-    train_file_set: str | None = option(None, doc="file with the ids of the memory images")
-    eval_file_set: str | None = option(None, doc="file with the ids of the evaluation images")
+    train_split: str = option("train", doc="split of the memory bank (kNN: of the train rows)")
+    eval_split: str = option("val", doc="split that is segmented or classified and scored")
     max_train_images: int | None = option(None, check=at_least(1),
-                                          doc="a seeded random subset of this many memory images")
+                                          doc="a seeded random subset of this many train images")
     max_eval_images: int | None = option(None, check=at_least(1),
                                          doc="a seeded random subset of this many evaluation images")
-    normalize: Normalize = option("reference", doc="reference: the public code's std (0.229, 0.224, 0.255)")
-    eval_resolution: Literal["input", "original"] = option("input", doc="score at the network input or label size")
     batch_size: int = option(4, check=at_least(1), doc="images per batch")
     num_workers: int = option(2, check=at_least(0), doc="data-loading worker processes")
+
+
+@dataclass
+class DataOptions(SplitOptions):
+    """A segmentation dataset's memory (train) and evaluation splits."""
+
+    kind: Literal["voc", "ade20k", "folder"] = option("voc", doc="dataset layout")
+    train_split: str = option("trainaug", doc="split that fills the memory bank")
+    train_file_set: str | None = option(None, doc="file with the ids of the memory images")
+    eval_file_set: str | None = option(None, doc="file with the ids of the evaluation images")
+    normalize: Normalize = option("reference", doc="reference: the public code's std (0.229, 0.224, 0.255)")
+    eval_resolution: Literal["input", "original"] = option("input", doc="score at the network input or label size")
 
 
 # --------------------------------------------------------------------------- features
@@ -218,7 +225,7 @@ class SimCLROptions(Section):
     num_patches: int = option(4, check=at_least(1), doc="views per side")
     stride_scale: float = option(6.0, check=positive, doc="window stride divisor")
     latent_dim: int = option(96, check=at_least(1), doc="head output size")
-    negatives: int = option(256, check=at_least(1), doc="negative images")
+    negatives: int = option(256, check=at_least(0), doc="negative images (0: none)")
     temperature: float = option(0.07, check=positive, doc="InfoNCE temperature")
     tau_placement: Literal["positive", "both"] = option("both", doc="which InfoNCE terms tau divides")
 
@@ -244,18 +251,12 @@ class ImageFeatureOptions(Section):
 
 
 @dataclass
-class ClassificationDataOptions(Section):
+class ClassificationDataOptions(SplitOptions):
     """An image-classification dataset's train and evaluation splits."""
 
-    key = "data"
     kind: str = option("digits", doc="digits, imagefolder, cub, or a torchvision dataset (cifar10, ...)")
-    root: str | None = option(None, doc="dataset root (not needed for digits)")
-    train_split: str = option("train", doc="split of the kNN train rows")
     eval_split: str = option("test", doc="split that is classified")
-    max_train_images: int | None = option(None, check=at_least(1), doc="a seeded random subset of this many")
-    max_eval_images: int | None = option(None, check=at_least(1), doc="a seeded random subset of this many")
     batch_size: int = option(64, check=at_least(1), doc="images per embedding batch")
-    num_workers: int = option(2, check=at_least(0), doc="data-loading worker processes")
 
 
 @dataclass

@@ -7,6 +7,7 @@ Items are ``(PIL RGB image, class index)``; `targets` gives all labels without d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from hummingbird_fungi.errors import DataError
+from hummingbird_fungi.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +188,6 @@ def _torchvision_factories() -> dict[str, Callable[[str, str], Any]]:
 
 TORCHVISION_KINDS = ("flowers102", "cifar10", "cifar100", "dtd", "food101", "pets", "cars", "aircraft",
                      "eurosat", "imagenet")
-KINDS = ("digits", "imagefolder", "cub") + TORCHVISION_KINDS
 
 
 def _targets_of(dataset: Any) -> np.ndarray:
@@ -232,21 +233,21 @@ def load_torchvision(kind: str, root: str | Path, split: str) -> ClassificationD
     return data
 
 
+CLASSIFICATION_DATASETS: Registry[Callable[[Any, str], ClassificationData]] = Registry("data.kind")
+CLASSIFICATION_DATASETS.register("digits")(lambda root, split: load_digits(split))  # built in: no root
+CLASSIFICATION_DATASETS.register("imagefolder")(load_imagefolder)
+CLASSIFICATION_DATASETS.register("cub")(load_cub)
+for _kind in TORCHVISION_KINDS:
+    CLASSIFICATION_DATASETS.register(_kind)(functools.partial(load_torchvision, _kind))
+
+
 def load_classification(kind: str, root: str | Path | None, split: str) -> ClassificationData:
-    """Any supported dataset split by kind (see KINDS)."""
+    """Any supported dataset split by kind: digits (built in), imagefolder, cub or a torchvision dataset."""
     kind = kind.lower()
-    if kind == "digits":
-        return load_digits(split)
-    if root is None:
+    loader = CLASSIFICATION_DATASETS.get(kind)
+    if root is None and kind != "digits":
         raise DataError(f"data.kind={kind} needs data.root=DIR")
-    if kind == "imagefolder":
-        data = load_imagefolder(root, split)
-    elif kind == "cub":
-        data = load_cub(root, split)
-    elif kind in TORCHVISION_KINDS:
-        data = load_torchvision(kind, root, split)
-    else:
-        raise DataError(f"unknown data.kind {kind!r}; choose one of {list(KINDS)}")
+    data = loader(root, split)
     if len(data) == 0:
         raise DataError(f"{kind} split {split!r} under {root} holds no images")
     log.info("%s/%s: %d images, %d classes", kind, split, len(data), len(data.classes))

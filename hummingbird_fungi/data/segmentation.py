@@ -14,7 +14,7 @@ import torchvision.transforms.v2.functional as TF
 import yaml
 from PIL import Image
 
-from hummingbird_fungi.errors import ConfigError, DataError
+from hummingbird_fungi.errors import DataError
 from hummingbird_fungi.data.subsets import random_subset
 from hummingbird_fungi.registry import Registry
 from hummingbird_fungi.runtime import generator
@@ -98,10 +98,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Number of samples."""
         return len(self.samples)
 
-    def with_transform(self, transform: Callable | None, keep_original_mask: bool = False) -> "SegmentationDataset":
-        """A shallow copy serving the same samples through `transform` (the original is unchanged)."""
+    def with_transform(self, transform: Callable | None, keep_original_mask: bool = False,
+                       seed: int | None = None) -> "SegmentationDataset":
+        """A shallow copy serving the same samples through `transform` (and augmentation `seed`, if given)."""
         out = copy.copy(self)
         out.transform, out.keep_original_mask, out.epoch = transform, keep_original_mask, 0
+        out.seed = self.seed if seed is None else seed
         return out
 
     def subset(self, count: int | None, seed: int) -> "SegmentationDataset":
@@ -263,7 +265,7 @@ def _voc_layout_b(root: Path, split: str, file_set: str | Path | None) -> list[S
 
 
 def voc_dataset(root: str | Path, split: str, file_set: str | Path | None = None, **kw: Any) -> SegmentationDataset:
-    """Pascal VOC 2012 (21 classes, void 255) in the flat layout of spec 1.1 or the official VOCdevkit layout."""
+    """Pascal VOC 2012 (21 classes, void 255) in the flat layout (docs/protocol.md#datasets) or the official VOCdevkit layout."""
     root = _existing_dir(root, "VOC root")
     layout_a = (root / "images").is_dir()
     samples = _voc_layout_a(root, split, file_set) if layout_a else _voc_layout_b(root, split, file_set)

@@ -158,7 +158,7 @@ def _check_size(size: tuple[int, int]) -> tuple[int, int]:
 
 
 class EvalTransform:
-    """Spec 2.2: PIL bilinear resize to (H, W), ToTensor, Normalize; mask nearest-resized to (H, W)."""
+    """The evaluation transform: PIL bilinear resize to (H, W), ToTensor, Normalize; mask nearest-resized to (H, W)."""
 
     def __init__(self, size: tuple[int, int], normalize: str = "reference"):
         self.size = _check_size(size)
@@ -173,7 +173,7 @@ class EvalTransform:
 
 
 class TrainTransform:
-    """Spec 2.1: random colour jitter, ToTensor, Normalize, paired random-resized-crop; all randomness from `rng`."""
+    """The memory-bank train transform: random colour jitter, ToTensor, Normalize, paired random-resized-crop; all randomness from `rng`."""
 
     def __init__(self, size: tuple[int, int], normalize: str = "reference", jitter: bool = True, crop: bool = True,
                  crop_scale: tuple[float, float] = (0.5, 2.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)):

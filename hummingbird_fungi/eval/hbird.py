@@ -8,6 +8,7 @@ the functions here. The protocol itself is described in docs/protocol.md.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import platform
 import time
@@ -37,7 +38,8 @@ from hummingbird_fungi.eval.metrics import ConfusionMatrix, summarize
 from hummingbird_fungi.features import EmbeddingFeatures, PatchFeatures, build_patch_features
 from hummingbird_fungi.memory.bank import MemoryBank
 from hummingbird_fungi.memory.build import BankSpec, build_memory_bank
-from hummingbird_fungi.models.encoders import Encoder, create_encoder
+from hummingbird_fungi.models.encoders import Encoder
+from hummingbird_fungi.models.factory import create_encoder
 from hummingbird_fungi.retrieval.indexes import check_index_options
 from hummingbird_fungi.retrieval.transfer import LabelTransfer, predict_masks
 from hummingbird_fungi.runtime import resolve_device, timed
@@ -99,7 +101,7 @@ def build_memory(encoder: Encoder, train_set: SegmentationDataset, *, input_size
                  manifest_extra: dict | None = None) -> tuple[MemoryBank, PatchFeatures]:
     """The memory bank of `train_set` (loaded from memory.path when it exists, else built, and saved there)."""
     torch.manual_seed(seed)
-    train_set = train_set.with_transform(memory_transform(input_size, data.normalize, memory))
+    train_set = train_set.with_transform(memory_transform(input_size, data.normalize, memory), seed=seed)
     extractor = make_extractor(encoder, features, train_set, memory, data, device, seed, timings)
     path = memory.path
     if path is not None and Path(path).exists():
@@ -245,9 +247,8 @@ def hbird_evaluation(model: Any, d_model: int, patch_size: int, dataset_name: st
                           f"not patch_size={patch_size}, d_model={d_model}")
     kind, train_split, eval_split = OHE_DATASETS.get(dataset_name, (dataset_name, "train", "val"))
     train_split, eval_split = options.pop("train_split", train_split), options.pop("eval_split", eval_split)
-    seed = options.get("seed", 0)
-    train_data = build_dataset(kind, data_dir, train_split, file_set=train_fs_path, seed=seed)
-    eval_data = build_dataset(kind, data_dir, eval_split, file_set=val_fs_path, seed=seed)
+    train_data = build_dataset(kind, data_dir, train_split, file_set=train_fs_path)
+    eval_data = build_dataset(kind, data_dir, eval_split, file_set=val_fs_path)
     if ignore_index != 255 and ignore_index != eval_data.info.ignore_index:
         eval_data.info = dataclasses.replace(eval_data.info, ignore_index=ignore_index)
     memory = dataclasses.replace(options.pop("memory", None) or MemoryOptions(), size=memory_size,
@@ -263,12 +264,9 @@ def hbird_evaluation(model: Any, d_model: int, patch_size: int, dataset_name: st
 
 def _ohe_backend(nn_method: str) -> str:
     """Our retrieval backend for an open-hummingbird-eval `nn_method` ('scann' needs the optional package)."""
-    if nn_method == "scann":
-        try:
-            import scann  # noqa: F401
-        except ImportError:
-            log.warning("nn_method='scann' but ScaNN is not installed: using exact search (backend torch)")
-            return "torch"
+    if nn_method == "scann" and importlib.util.find_spec("scann") is None:
+        log.warning("nn_method='scann' but ScaNN is not installed: using exact search (backend torch)")
+        return "torch"
     return nn_method
 
 
@@ -281,7 +279,7 @@ def config_dataset(config: HbirdConfig, which: str) -> SegmentationDataset:
     if data.root is None:
         raise ConfigError("data.root is not set; pass data.root=DIR")
     dataset = build_dataset(data.kind, data.root, getattr(data, f"{which}_split"),
-                            file_set=getattr(data, f"{which}_file_set"), seed=config.seed)
+                            file_set=getattr(data, f"{which}_file_set"))
     return dataset.subset(getattr(data, f"max_{which}_images"), config.seed)
 
 

@@ -1,13 +1,14 @@
-"""Segmentation metrics from one streaming confusion matrix: standard mIoU and the reference's (spec 7).
+"""Segmentation metrics from one streaming confusion matrix: standard mIoU and the reference's
+(docs/protocol.md#metrics).
 
 Per-pixel predictions are never kept: each `update` adds a bincount to a (C, C) int64 matrix
 (rows ground truth, columns prediction). Two readings of it:
 
 * `miou_standard`: identity matching, mean IoU over the classes that occur in the ground truth
   or the predictions, optionally skipping one class (ADE20K: 0, the ignored "other" id).
-* `miou_reference`: what FH/HB1/HB2 report: Hungarian matching of predicted to GT ids (spec 10.3),
+* `miou_reference`: what the public implementations report: Hungarian matching of predicted to GT ids,
   IoU_i = TP/max(TP+FP+FN, 1e-8), mean over all C classes, absent ones counting 0 (so ADE20K's
-  ignored class 0 always adds a zero: sum of 150 IoUs / 151, spec 10.5).
+  ignored class 0 always adds a zero: sum of 150 IoUs / 151).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def hungarian_assignment(matrix: Tensor) -> list[int]:
 
 
 def miou_reference(matrix: Tensor) -> tuple[float, list[float], list[int]]:
-    """Reference mIoU (spec 7): (mean over all C of matched IoU, per-class IoU, assignment pred -> GT)."""
+    """Reference mIoU: (mean over all C of matched IoU, per-class IoU, assignment pred -> GT)."""
     assignment = hungarian_assignment(matrix)
     relabelled = torch.zeros_like(matrix).index_add_(1, torch.tensor(assignment, device=matrix.device), matrix)
     tp, gt, predicted = class_totals(relabelled)

@@ -1,4 +1,4 @@
-"""Image-level FUNGI (spec 9): projected per-image gradients of the KL, DINO and SimCLR objectives.
+"""Image-level FUNGI (docs/protocol.md#image-fungi-and-knn): projected per-image gradients of the KL, DINO and SimCLR objectives.
 
 For each image, views are made (KL: the eval view; DINO: global + local random crops;
 SimCLR: a grid of overlapping crops), embedded (the backbone's pooled embedding, the CLS
@@ -10,13 +10,13 @@ projected with the seeded projection shared by all objectives and splits (projec
 L2-normalised. Losses are summed over images, so an image's gradient never depends on the
 other images of its batch.
 
-Choices where the reference implementations disagree (spec 9, 10.4):
-* KL temperature 15 (paper jobs; FV's default is 1), latent 768, target exactly uniform.
-* SimCLR temperature on the whole similarity matrix (NTAG, the paper's code; FV and FH put it
-  on the positive term only: `tau_placement="positive"`), 256 negative images (NTAG; FV 64).
-* DINO teacher: the same backbone forward, detached, with its own random head (FV; equal to
-  NTAG's second copy of the same frozen backbone).
-* Projection scaling 1/sqrt(out_dim) (NTAG; FV's 1/sqrt(E(E+1)) only rescales, and the L2
+Choices where the reference implementations disagree (docs/protocol.md#deviations-and-switches):
+* KL temperature 15 (paper jobs; fungivision's default is 1), latent 768, target exactly uniform.
+* SimCLR temperature on the whole similarity matrix (the FUNGI image code; fungivision and the FUNGI segmentation code put it
+  on the positive term only: `tau_placement="positive"`), 256 negative images (the FUNGI image code; fungivision 64).
+* DINO teacher: the same backbone forward, detached, with its own random head (fungivision; equal to
+  the FUNGI image code's second copy of the same frozen backbone).
+* Projection scaling 1/sqrt(out_dim) (the FUNGI image code; fungivision's 1/sqrt(E(E+1)) only rescales, and the L2
   normalisation removes any scale).
 * Numerics: fp32 on CPU, bf16 autocast for the backbone on CUDA; losses, per-image gradient
   matrices and the projection always in fp32.
@@ -85,7 +85,7 @@ def random_crops(image: Image.Image, size: int, count: int, scale: tuple[float, 
 
 
 def patchify(image: Image.Image, size: int, num_patches: int, stride_scale: float) -> Tensor:
-    """NTAG's SimCLR views: resize to size^2, windows of size/sqrt(num_patches), stride int(window/stride_scale),
+    """The FUNGI image code's SimCLR views: resize to size^2, windows of size/sqrt(num_patches), stride int(window/stride_scale),
     each resized back to size -> (n^2, 3, S, S)."""
     window = int(size / math.sqrt(num_patches))
     stride = max(1, int(window / stride_scale))
@@ -129,6 +129,11 @@ class ImageObjective(abc.ABC):
         self.settings = with_overrides(self.options_type, options, overrides)
         self.embed_dim, self.input_size, self.seed = embed_dim, input_size, seed
         self.batch_size: int = self.settings.batch_size  # type: ignore[attr-defined]
+        self._build(self.settings)
+
+    @abc.abstractmethod
+    def _build(self, opts: Any) -> None:
+        """Set up the objective from its typed options (heads, view counts)."""
 
     @property
     @abc.abstractmethod
@@ -153,15 +158,13 @@ class ImageObjective(abc.ABC):
 
 
 class KLObjective(ImageObjective):
-    """KL divergence between softmax(head(normalize(emb)) / T) and the uniform distribution (spec 9.2)."""
+    """KL divergence between softmax(head(normalize(emb)) / T) and the uniform distribution."""
 
     name = "kl"
     options_type = KLOptions
 
-    def __init__(self, embed_dim: int, input_size: int, seed: int, options: KLOptions | None = None,
-                 **overrides: Any) -> None:
-        super().__init__(embed_dim, input_size, seed, options, **overrides)
-        self.temperature, self.latent_dim = self.settings.temperature, self.settings.latent_dim
+    def _build(self, opts: KLOptions) -> None:
+        self.temperature, self.latent_dim = opts.temperature, opts.latent_dim
         self.head = self._head(0, self.latent_dim)
 
     @property
@@ -182,15 +185,12 @@ class KLObjective(ImageObjective):
 
 
 class DINOObjective(ImageObjective):
-    """DINO self-distillation between teacher global views and student views, fresh heads (spec 9.3)."""
+    """DINO self-distillation between teacher global views and student views, fresh heads."""
 
     name = "dino"
     options_type = DinoOptions
 
-    def __init__(self, embed_dim: int, input_size: int, seed: int, options: DinoOptions | None = None,
-                 **overrides: Any) -> None:
-        super().__init__(embed_dim, input_size, seed, options, **overrides)
-        opts = self.settings
+    def _build(self, opts: DinoOptions) -> None:
         self.global_views, self.local_views = opts.global_views, opts.local_views
         self.global_scale, self.local_scale = opts.global_scale, opts.local_scale
         self.latent_dim = opts.latent_dim
@@ -226,7 +226,7 @@ class DINOObjective(ImageObjective):
 
 
 class SimCLRObjective(ImageObjective):
-    """InfoNCE between an image's patchified views, against a fixed set of negative latents (spec 9.4).
+    """InfoNCE between an image's patchified views, against a fixed set of negative latents.
 
     The negatives (views of training images, through the same backbone and head) must be
     set with `set_negatives` before the loss is used.
@@ -235,10 +235,7 @@ class SimCLRObjective(ImageObjective):
     name = "simclr"
     options_type = SimCLROptions
 
-    def __init__(self, embed_dim: int, input_size: int, seed: int, options: SimCLROptions | None = None,
-                 **overrides: Any) -> None:
-        super().__init__(embed_dim, input_size, seed, options, **overrides)
-        opts = self.settings
+    def _build(self, opts: SimCLROptions) -> None:
         self.num_patches, self.stride_scale = opts.num_patches, opts.stride_scale
         self.latent_dim, self.num_negatives = opts.latent_dim, opts.negatives
         self.temperature, self.tau_placement = opts.temperature, opts.tau_placement

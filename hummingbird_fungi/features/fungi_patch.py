@@ -1,19 +1,20 @@
-"""Patch-level FUNGI features (spec 8): last-layer token + random projection of its own loss gradient.
+"""Patch-level FUNGI features (docs/protocol.md#patch-fungi): last-layer token + random projection of its own loss gradient.
 
 Per image: a seeded, never-trained head fc (E -> head_dim) maps all last-layer tokens
 (prefix tokens included, as in the reference: CLS and any register tokens act as positives
-and query negatives, but get no feature) to z; the reference's InfoNCE (spec 8.3 step 5,
-numerics fixed per 10.4b) pulls every token towards the other tokens of its image and,
+and query negatives, but get no feature) to z; the reference's InfoNCE (with its
+fp16 numerics fixed) pulls every token towards the other tokens of its image and,
 optionally, away from retrieved support negatives. The gradient of that loss at a linear
 layer (default: the last block's attn.proj, weight and bias) is taken per patch as the
 outer product g_t [a_t; 1]^T and projected without being formed (projection.py). The
-feature is normalise([x̂_t ; w φ̂_t]) (spec 8.7; w = grad_weight, 1 in the reference).
+feature is normalise([x̂_t ; w φ̂_t]) (w = grad_weight, 1 in the reference).
 
 Deviations from the reference, each with a switch:
 * negatives default to `none`: with the temperature on the positive term only, retrieved
   negatives barely move the gradients (per-token cosine 0.9998 without any) while the
   support search is the costliest step after the forward pass; `support` uses real support
-  neighbours and `support_scrambled` reproduces the reference's reshape bug (spec 10.1).
+  neighbours and `support_scrambled` reproduces the reference's reshape bug
+  (docs/protocol.md#reference-bugs-we-can-reproduce).
 * support negatives skip rows of the query's own image when image ids are known
   (`exclude_same_image`; the reference keeps them: near-duplicates of the token itself).
 * the projection defaults to `structured` (rank 4), measured to match the dense +-1 P in
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 def gather_negatives(support: Tensor, ids: Tensor, n_neg: int, scrambled: bool = False) -> Tensor:
     """Support rows (M, E) of each token's neighbours ids (B, T, K) -> (B, T, n_neg, E).
 
-    `scrambled` copies the reference's reshape bug (spec 10.1): the (K, E) block of a token
+    `scrambled` copies the reference's reshape bug: the (K, E) block of a token
     is read as (E, K) and transposed, interleaving coordinates of several neighbours.
     """
     batch, tokens, k = ids.shape
@@ -77,7 +78,7 @@ def keep_mask(count: int, keep_prob: float, seed: int, device: torch.device) -> 
 
 
 def combine(tokens: Tensor, phi: Tensor, grad_weight: float) -> Tensor:
-    """Spec 8.7: normalise([x̂ ; w φ̂]) for tokens (..., E) and projections (..., P) -> (..., E + P)."""
+    """The FUNGI feature normalise([x̂ ; w φ̂]) for tokens (..., E) and projections (..., P) -> (..., E + P)."""
     x_hat = F.normalize(tokens.float(), dim=-1)
     phi_hat = F.normalize(phi.float(), dim=-1)
     return F.normalize(torch.cat([x_hat, grad_weight * phi_hat], dim=-1), dim=-1)

@@ -1,4 +1,5 @@
-"""Capture a linear layer's input and output-gradient without per-token gradient tensors (spec 8.4, 8.6).
+"""Capture a linear layer's input and output-gradient without per-token gradient tensors
+(docs/protocol.md#gradient-at-a-linear-layer).
 
 The per-token gradient of a linear layer is ``g_t [a_t; 1]^T``: all that is needed is the
 layer input ``a`` and ``g = dLoss/d(output)``. `forward_with_capture` runs a forward pass in

@@ -13,11 +13,11 @@ from torch import Tensor
 
 def info_nce(z: Tensor, tau: float, tau_placement: str = "positive",
              negatives: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
-    """The reference's per-image InfoNCE (spec 8.3 step 5; SimCLR's over views): z (B, T, L) -> (B,).
+    """The reference's per-image InfoNCE (over tokens; SimCLR's over views): z (B, T, L) -> (B,).
 
     Positives of row i are all other rows of its image (tokens, or views); the attraction term
     is divided by tau, the log-sum-exp over negatives and other rows too only if tau_placement
-    is 'both' (the patch reference divides only the positive term, spec 10.4). Negatives are
+    is 'both' (the patch reference divides only the positive term). Negatives are
     per image (B, K, L) or shared (K, L); `keep` (B, K) bool drops some. Cosines come from a
     matmul of unit rows in fp32.
     """

@@ -1,4 +1,4 @@
-"""Seeded random projections of linear-layer gradients (spec 8.5, 8.6), shared by patch and image FUNGI.
+"""Seeded random projections of linear-layer gradients (docs/protocol.md#projection), shared by patch and image FUNGI.
 
 A linear layer's gradient for one token is the outer product ``G = g ã^T`` with ``g`` the
 gradient w.r.t. the layer output (E_out,) and ``ã = [a; 1]`` its input with a bias entry
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from hummingbird_fungi.errors import ConfigError
+from hummingbird_fungi.registry import Registry
 from hummingbird_fungi.runtime import generator
 
 DENSE_GEN_ROWS = 16  # rows of P per seeded generator; part of P's definition
@@ -204,11 +205,12 @@ class StructuredProjection(GradientProjection):
                 "rank": self.rank, "distribution": self.distribution}
 
 
+PROJECTIONS: Registry[type[GradientProjection]] = Registry("gradient projection")
+PROJECTIONS.register("dense")(DenseSignProjection)
+PROJECTIONS.register("structured")(StructuredProjection)
+
+
 def build_projection(kind: str, out_dim: int, e_out: int, e_in: int, seed: int,
                      **options: Any) -> GradientProjection:
     """Create a gradient projection by kind: 'dense' (reference) or 'structured' (rank R)."""
-    if kind == "dense":
-        return DenseSignProjection(out_dim, e_out, e_in, seed, **options)
-    if kind == "structured":
-        return StructuredProjection(out_dim, e_out, e_in, seed, **options)
-    raise ConfigError(f"unknown gradient projection {kind!r}; choose 'dense' or 'structured'")
+    return PROJECTIONS.get(kind)(out_dim, e_out, e_in, seed, **options)

@@ -44,7 +44,7 @@ def soft_labels(counts: torch.Tensor) -> torch.Tensor:
 
 
 def label_aware_scores(counts: torch.Tensor) -> torch.Tensor:
-    """Spec 4.2 steps 1-4 for one image: (N, C) counts -> (N,) rarity scores (smaller = keep)."""
+    """The label-aware rarity score of each patch of one image: (N, C) counts -> (N,) rarity scores (smaller = keep)."""
     present = (counts > 0).float()  # (N, C)
     freq = present.sum(0)  # (C,) patches of this image containing each class
     score = present @ freq  # (N,)

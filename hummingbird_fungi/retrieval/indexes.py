@@ -1,4 +1,4 @@
-"""k-NN search by inner product behind one interface, with exact and approximate backends (spec 5, 6).
+"""k-NN search by inner product behind one interface, with exact and approximate backends (docs/protocol.md#retrieval).
 
 Every backend is an `Index`: `add` row blocks (numpy arrays, memory maps or tensors, float16 or
 float32; call it once per on-disk shard), then `search(q, k)` returns `(scores, ids)` as CPU
@@ -222,7 +222,7 @@ class FaissIndex(Index):
 class FaissFlatIndex(FaissIndex):
     """Exact `IndexFlatIP`; on all GPUs (replicated, or sharded with `shard`) when faiss has GPU support.
 
-    `fp16` stores the vectors in float16 on the GPU (spec 6.2 `use_fp16`); CPU storage is float32.
+    `fp16` stores the vectors in float16 on the GPU (open-hummingbird-eval's `use_fp16`); CPU storage is float32.
     """
 
     name = "faiss"
@@ -392,12 +392,11 @@ def import_scann_ops() -> Any:
 
 
 class ScannIndex(Index):
-    """ScaNN tree + anisotropic hashing + exact re-ordering, as the reference builds it (spec 6.1).
+    """ScaNN tree + anisotropic hashing + exact re-ordering, as the reference builds it.
 
     Blocks are collected and the searcher is built (float32, all rows concatenated) at the first
     search after the last add. `dims_per_block` is passed to `score_ah` as its only block-size
-    argument, so it takes effect (HB2 passed 2 positionally, which silently overrode its keyword,
-    spec 10.2). `num_leaves` is clamped to the number of rows and `num_leaves_to_search` to
+    argument, so it takes effect (open-hummingbird-eval 2.x passed 2 positionally, which silently overrode its keyword). `num_leaves` is clamped to the number of rows and `num_leaves_to_search` to
     `num_leaves`; `training_sample_size=None` trains the tree on all rows. At least k candidates
     are re-ordered.
     """

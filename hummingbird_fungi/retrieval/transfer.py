@@ -1,4 +1,4 @@
-"""Label transfer: retrieve each patch's neighbours and average their soft labels (spec 5)."""
+"""Label transfer: retrieve each patch's neighbours and average their soft labels (docs/protocol.md#label-transfer)."""
 
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ from hummingbird_fungi.eval.hbird import build_memory, input_size_for, make_tran
 from hummingbird_fungi.eval.metrics import ConfusionMatrix
 from hummingbird_fungi.features import PatchFeatures, build_patch_features
 from hummingbird_fungi.memory.bank import MemoryBank, read_manifest
-from hummingbird_fungi.models.encoders import Encoder, create_encoder
+from hummingbird_fungi.models.encoders import Encoder
+from hummingbird_fungi.models.factory import create_encoder
 from hummingbird_fungi.retrieval.transfer import patch_probs_to_map, upsample_argmax, upsample_probs
 from hummingbird_fungi.runtime import resolve_device, timed
 
