@@ -21,21 +21,19 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
-from hummingbird_fungi.models.backbones import Backbone, load_backbone
-from hummingbird_fungi.features import EmbeddingFeatures, PatchFeatures
-from hummingbird_fungi.features.fungi_patch import FungiPatchFeatures
+from hummingbird_fungi.config.schema import parse_size
+from hummingbird_fungi.data.transforms import EvalTransform, read_image
+from hummingbird_fungi.features import EmbeddingFeatures, FungiPatchFeatures, PatchFeatures
+from hummingbird_fungi.models.backbones import load_backbone
+from hummingbird_fungi.models.encoders import Encoder
+from hummingbird_fungi.runtime import synchronize
+from hummingbird_fungi.segment.folders import list_images
 
 log = logging.getLogger("bench_features")
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=4, help="timed images per variant and round")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best is kept")
-    parser.add_argument("--images-dir", default=None, help="real images (*.jpg, *.png) instead of random ones")
+    parser.add_argument("--images-dir", default=None, help="real images (any image file) instead of random ones")
     parser.add_argument("--support-images", type=int, default=16,
                         help="images whose patch embeddings form the support set of the negatives variant")
     parser.add_argument("--select", type=int, default=32, help="patches per image for the _select variant")
@@ -58,41 +56,32 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def load_images(count: int, width: int, height: int, images_dir: str | None, seed: int) -> torch.Tensor:
-    """`count` normalised images (count, 3, H, W): random, or consecutive files of `images_dir`."""
+def load_images(count: int, height: int, width: int, images_dir: str | None, seed: int) -> torch.Tensor:
+    """`count` normalised images (count, 3, H, W): random, or consecutive files of `images_dir` (ImageNet stats)."""
     if images_dir is None:
         return torch.randn(count, 3, height, width, generator=torch.Generator().manual_seed(seed))
-    files = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    files = list_images(images_dir)[0]
     if len(files) < count:
         raise SystemExit(f"{images_dir} has {len(files)} images, {count} needed")
     start = (seed * count) % (len(files) - count + 1)
-    arrays = [np.asarray(Image.open(p).convert("RGB").resize((width, height), Image.BILINEAR), dtype=np.float32)
-              for p in files[start:start + count]]
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0  # (B, 3, H, W)
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return (batch - mean) / std
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    transform = EvalTransform((height, width), normalize="imagenet")
+    return torch.stack([transform(read_image(p))[0] for p in files[start:start + count]])  # (B, 3, H, W)
 
 
 def run_pass(extractor: PatchFeatures, images: torch.Tensor, batch: int,
              select: int | None) -> tuple[float, float]:
     """Wall and process seconds per image of one pass of `extractor` over `images` in batches."""
-    patch = extractor.backbone.patch_size
-    num_patches = (images.shape[2] // patch) * (images.shape[3] // patch)
+    grid = extractor.encoder.grid_size(*images.shape[-2:])
+    num_patches = grid[0] * grid[1]
     generator = torch.Generator().manual_seed(0)
-    synchronize(images.device)
+    synchronize()
     start, start_cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(images), batch):
         chunk = images[i:i + batch]
         ids = None if select is None else torch.stack(
             [torch.randperm(num_patches, generator=generator)[:select] for _ in range(len(chunk))])  # (b, n)
         extractor(chunk, ids)
-    synchronize(images.device)
+    synchronize()
     return (time.perf_counter() - start) / len(images), (time.process_time() - start_cpu) / len(images)
 
 
@@ -103,25 +92,24 @@ def step_shares(step_times: dict[str, float], seconds: float) -> dict[str, float
     return shares
 
 
-def support_set(backbone: Backbone, images: torch.Tensor, batch: int) -> torch.Tensor:
+def support_set(encoder: Encoder, images: torch.Tensor, batch: int) -> torch.Tensor:
     """Unit-norm patch embeddings (M, E) of `images`, the support set for negatives."""
-    with torch.no_grad():
-        rows = [backbone(images[i:i + batch]).float().flatten(0, 1) for i in range(0, len(images), batch)]
-    return F.normalize(torch.cat(rows), dim=-1)
+    embed = EmbeddingFeatures(encoder)
+    return torch.cat([embed(images[i:i + batch]).flatten(0, 1) for i in range(0, len(images), batch)])
 
 
-def make_variants(backbone: Backbone, args: argparse.Namespace,
+def make_variants(encoder: Encoder, args: argparse.Namespace,
                   support_images: torch.Tensor) -> dict[str, tuple[PatchFeatures, int | None]]:
     """The timed extractors by result name, with their per-image patch selection (None: all)."""
-    dense = FungiPatchFeatures(backbone, projection="dense")  # one cached P for both dense variants
+    dense = FungiPatchFeatures(encoder, projection="dense")  # one cached P for both dense variants
     variants: dict[str, tuple[PatchFeatures, int | None]] = {
-        "forward": (EmbeddingFeatures(backbone), None),
-        "fungi_structured_none": (FungiPatchFeatures(backbone, projection="structured"), None),
+        "forward": (EmbeddingFeatures(encoder), None),
+        "fungi_structured_none": (FungiPatchFeatures(encoder, projection="structured"), None),
         "fungi_dense_none": (dense, None),
         f"fungi_dense_none_select{args.select}": (dense, args.select),
-        "fungi_structured_support": (FungiPatchFeatures(backbone, negatives="support"), None),
+        "fungi_structured_support": (FungiPatchFeatures(encoder, negatives="support"), None),
     }
-    variants["fungi_structured_support"][0].set_support(support_set(backbone, support_images, args.batch))
+    variants["fungi_structured_support"][0].set_support(support_set(encoder, support_images, args.batch))
     return variants
 
 
@@ -144,13 +132,14 @@ def time_variants(variants: dict[str, tuple[PatchFeatures, int | None]], images:
     return best, shares
 
 
-def benchmark(backbone: Backbone, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def benchmark(encoder: Encoder, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Best seconds per image, ratio to the plain forward and step shares of every variant."""
-    width, height = (int(v) for v in args.size.lower().split("x"))
-    patches = (height // backbone.patch_size) * (width // backbone.patch_size)
-    images = load_images(args.images, width, height, args.images_dir, seed=0).to(device)
-    support_images = load_images(args.support_images, width, height, args.images_dir, seed=1).to(device)
-    best, shares = time_variants(make_variants(backbone, args, support_images), images, args)
+    height, width = parse_size(args.size)
+    grid = encoder.grid_size(height, width)
+    patches = grid[0] * grid[1]
+    images = load_images(args.images, height, width, args.images_dir, seed=0).to(device)
+    support_images = load_images(args.support_images, height, width, args.images_dir, seed=1).to(device)
+    best, shares = time_variants(make_variants(encoder, args, support_images), images, args)
     result: dict[str, Any] = {
         "backbone": args.backbone, "size": f"{width}x{height}", "device": str(device),
         "threads": torch.get_num_threads(), "images": args.images, "batch": args.batch, "rounds": args.rounds,
@@ -171,8 +160,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    backbone = load_backbone(args.backbone, weights=args.weights, pretrained=args.weights is None, device=device)
-    print(json.dumps(benchmark(backbone, args, device), indent=2))
+    encoder = load_backbone(args.backbone, weights=args.weights, pretrained=args.weights is None, device=device)
+    print(json.dumps(benchmark(encoder, args, device), indent=2))
 
 
 if __name__ == "__main__":

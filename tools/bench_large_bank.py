@@ -1,6 +1,6 @@
 """Size test of on-disk memory banks and approximate retrieval: a synthetic bank larger than RAM.
 
-Writes a synthetic bank in the shard format of `memory_bank.py` (fp16 unit features and fp16
+Writes a synthetic bank with the bank writer of `memory/bank.py` (fp16 unit features and fp16
 soft labels, shard by shard, resumable), opens it memory-mapped, trains a `faiss_ivfpq` index
 on a sample of its rows, adds it shard by shard, searches perturbed bank rows, measures
 recall@k against an exact chunked scan of the memory map, runs label transfer with the
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import shutil
 import threading
@@ -32,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hummingbird_fungi.retrieval.transfer import LabelTransfer
-from hummingbird_fungi.memory.bank import (FORMAT_VERSION, BankSpec, MemoryBank, manifest_json, save_npy_atomic,
-                                           write_atomic)
+from hummingbird_fungi.memory.bank import BankWriter, MemoryBank, read_manifest, shard_files, shard_name
+from hummingbird_fungi.memory.build import BankSpec
 from hummingbird_fungi.retrieval.indexes import Index, build_index
+from hummingbird_fungi.retrieval.transfer import LabelTransfer
 
 log = logging.getLogger("bench_large_bank")
 
@@ -153,15 +152,14 @@ def synthetic_shard(args: argparse.Namespace, model: tuple, number: int, rows: i
     return feats, labels.half().numpy()
 
 
-def bank_manifest(args: argparse.Namespace, bounds: list[tuple[int, int]]) -> dict:
-    """Manifest of the synthetic bank, in the layout `MemoryBank.load` reads."""
+def bank_manifest(args: argparse.Namespace, bounds: list[tuple[int, int]]) -> tuple[dict, list[dict]]:
+    """The synthetic bank's manifest for `BankWriter` (layout `MemoryBank.load` reads) and its shard list."""
     per_image = args.patches_per_image
     spec = BankSpec(memory_size=args.rows, shard_images=args.shard_images, seed=args.seed, sampling="uniform")
-    shards = [{"name": f"{n:05d}", "epoch": 0, "images": [start // per_image, -(-end // per_image)],
+    shards = [{"name": shard_name(n), "epoch": 0, "images": [start // per_image, -(-end // per_image)],
                "rows": end - start} for n, (start, end) in enumerate(bounds)]
     return {
-        "format_version": FORMAT_VERSION,
-        "features": {"kind": "synthetic", "dim": args.dim, "backbone": "none", "timm_name": "none",
+        "features": {"kind": "synthetic", "dim": args.dim, "backbone": "none", "architecture": "none",
                      "weights": "none", "options": {key: getattr(args, key) for key in
                                                     ("centres", "latent", "spread", "noise", "seed")}},
         "input_size": [0, 0],
@@ -172,34 +170,26 @@ def bank_manifest(args: argparse.Namespace, bounds: list[tuple[int, int]]) -> di
         "num_images": -(-args.rows // per_image),
         "patches_per_image": per_image,
         "spec": spec.as_dict(),
-        "shards": shards,
-        "count": args.rows,
-    }
+    }, shards
 
 
 def write_synthetic_bank(args: argparse.Namespace) -> float:
-    """Write the bank to `<dir>.partial/` shard by shard (skipping finished shards), then rename; seconds."""
+    """Write the bank with `BankWriter` (a killed run resumes at the first unfinished shard); seconds."""
     start = time.perf_counter()
     bounds = shard_bounds(args)
-    manifest = bank_manifest(args, bounds)
+    build, shards = bank_manifest(args, bounds)
     if args.dir.exists():
-        if json.loads((args.dir / "manifest.json").read_text()) != manifest:
+        manifest = read_manifest(args.dir)
+        if {key: manifest.get(key) for key in build} != build or manifest["shards"] != shards:
             raise SystemExit(f"{args.dir} holds a different bank; remove it")
         log.info("reusing the complete bank at %s", args.dir)
         return 0.0
-    partial = args.dir.with_name(args.dir.name + ".partial")
-    (partial / "shards").mkdir(parents=True, exist_ok=True)
-    write_atomic(partial / "manifest.json", manifest_json({"build": manifest}))
+    writer = BankWriter(args.dir, build)
     model = mixture_model(args)
     for number, (first, end) in enumerate(tqdm(bounds, desc="write bank", unit="shard")):
-        feat_file, label_file = (partial / "shards" / f"{number:05d}.{kind}.npy" for kind in ("features", "labels"))
-        if feat_file.exists() and label_file.exists():
-            continue
-        feats, labels = synthetic_shard(args, model, number, end - first)
-        save_npy_atomic(label_file, labels)
-        save_npy_atomic(feat_file, feats)
-    write_atomic(partial / "manifest.json", manifest_json(manifest))
-    os.replace(partial, args.dir)
+        if not writer.has_shard(number):
+            writer.write_shard(number, *synthetic_shard(args, model, number, end - first))
+    writer.seal(shards)
     return time.perf_counter() - start
 
 
@@ -214,7 +204,7 @@ def directory_bytes(path: Path) -> int:
 def shard_blocks(bank: MemoryBank, path: Path) -> Iterator[np.ndarray]:
     """Feature blocks of `bank` through fresh memory maps, unmapped after use (so scans leave no resident pages)."""
     for shard in bank.manifest["shards"]:
-        block = np.load(path / "shards" / f"{shard['name']}.features.npy", mmap_mode="r")
+        block = np.load(shard_files(path, shard["name"])[0], mmap_mode="r")
         yield block
         del block
 

@@ -13,7 +13,6 @@ own sampling (identical to building them directly). Prints and writes a JSON tab
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -22,12 +21,21 @@ import torch
 from tqdm import tqdm
 
 from hummingbird_fungi.config.loader import load_config
-from hummingbird_fungi.data.segmentation import DatasetInfo, collate
-from hummingbird_fungi.retrieval.transfer import predict_masks
-from hummingbird_fungi.memory.bank import patches_per_image, subsample_bank, write_atomic
+from hummingbird_fungi.config.schema import HbirdConfig
+from hummingbird_fungi.data.segmentation import SegmentationDataset, collate
+from hummingbird_fungi.data.transforms import EvalTransform
+from hummingbird_fungi.eval.hbird import (build_memory, config_dataset, config_encoder, input_size_for,
+                                          make_transfer, metric_summary, versions)
 from hummingbird_fungi.eval.metrics import ConfusionMatrix
-from hummingbird_fungi.eval.hbird import (build_memory, make_backbone, make_dataset, make_transfer, metric_summary,
-                                        resolve_device, versions)
+from hummingbird_fungi.features import PatchFeatures
+from hummingbird_fungi.fileio import write_json
+from hummingbird_fungi.memory.build import subsample_bank
+from hummingbird_fungi.memory.labels import patches_per_image
+from hummingbird_fungi.retrieval.transfer import predict_masks
+from hummingbird_fungi.runtime import resolve_device
+
+# every variant fills an unbounded, unaugmented bank in RAM; smaller banks are drawn from it
+FULL_BANK = ["memory.size=null", "memory.augment=false", "memory.path=null"]
 
 
 def variant_overrides(text: str) -> list[str]:
@@ -38,27 +46,28 @@ def variant_overrides(text: str) -> list[str]:
     return overrides
 
 
-def eval_features(config: dict, extractor) -> tuple[list[torch.Tensor], list[torch.Tensor], float, DatasetInfo]:
-    """Features (B, N, D) and target masks of every eval batch, seconds per image, and the dataset's info."""
-    dataset = make_dataset(config, "eval", train=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config["data"]["batch_size"],
-                                         num_workers=config["data"]["num_workers"], collate_fn=collate)
-    device = resolve_device(config["device"])
+def eval_features(config: HbirdConfig, extractor: PatchFeatures, dataset: SegmentationDataset,
+                  input_size: tuple[int, int],
+                  device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """Features (B, N, D) and target masks (at the input size) of every eval batch, and seconds per image."""
+    dataset = dataset.with_transform(EvalTransform(input_size, normalize=config.data.normalize))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.data.batch_size,
+                                         num_workers=config.data.num_workers, collate_fn=collate)
     feats, masks = [], []
     start = time.perf_counter()
     for batch in tqdm(loader, desc="eval features", unit="batch"):
         feats.append(extractor(batch["image"].to(device)).cpu())
         masks.append(batch["mask"])
-    return feats, masks, (time.perf_counter() - start) / len(dataset), dataset.info
+    return feats, masks, (time.perf_counter() - start) / len(dataset)
 
 
-def score(config: dict, bank, feats, masks, info, grid) -> dict:
+def score(config: HbirdConfig, bank, feats, masks, info, grid) -> dict:
     """mIoU of the eval features against `bank`."""
-    transfer = make_transfer(config, bank)
+    transfer = make_transfer(bank, config.retrieval, config.transfer)
     cm = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
     for batch_feats, batch_masks in zip(feats, masks):
         preds = predict_masks(transfer, batch_feats, grid, [tuple(m.shape) for m in batch_masks],
-                              config["transfer"]["class_chunk"])
+                              config.transfer.class_chunk)
         for pred, target in zip(preds, batch_masks):
             cm.update(pred, target)
     return metric_summary(cm, info.class_names, info.ignore_index)
@@ -76,25 +85,30 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sizes = [None if s.lower() == "none" else int(s) for s in (args.memory_size or ["none"])]
-    base = load_config(args.config, args.overrides + ["memory.size=null", "memory.augment=false"])
-    backbone = make_backbone(base, resolve_device(base["device"]))
+    overrides = args.overrides + FULL_BANK
+    base = load_config(args.config, overrides)
+    device = resolve_device(base.device)
+    encoder = config_encoder(base, device)
+    input_size = input_size_for(encoder, base.model.input_size)
+    train, evaluation = config_dataset(base, "train"), config_dataset(base, "eval")
     rules = args.sampling or ["label_aware"]
-    report = {"rows": [], "config": base, "versions": versions()}
+    report = {"rows": [], "config": base.to_dict(), "versions": versions()}
     rows = report["rows"]
     for variant in args.variant:
-        config = load_config(args.config, args.overrides + ["memory.size=null", "memory.augment=false"]
-                             + variant_overrides(variant))
+        config = load_config(args.config, overrides + variant_overrides(variant))
         timings: dict[str, float] = {}
-        full, extractor = build_memory(config, backbone=backbone, timings=timings)
+        full, extractor = build_memory(encoder, train, input_size=input_size, features=config.features,
+                                       memory=config.memory, data=config.data, device=device, seed=config.seed,
+                                       timings=timings)
         train_s = timings["build_memory_s"] / full.manifest["num_images"]
-        feats, masks, eval_s, info = eval_features(config, extractor)
+        feats, masks, eval_s = eval_features(config, extractor, evaluation, input_size, device)
         grid = tuple(full.manifest["grid"])
         plans = [(size, rule) for size in sizes for rule in rules if size is not None or rule == rules[0]]
         per_image = full.manifest["patches_per_image"]
         for size, rule in plans:
             n_img = patches_per_image(size, full.manifest["num_images"], 1, per_image)
             bank = full if n_img == per_image else subsample_bank(full, n_img, rule)
-            result = score(config, bank, feats, masks, info, grid)
+            result = score(config, bank, feats, masks, evaluation.info, grid)
             row = {"variant": variant, "memory_rows": bank.count, "sampling": rule if size else "all",
                    "miou": result["miou"],
                    "miou_reference": result["miou_reference"], "per_class_iou": result["per_class_iou"],
@@ -103,8 +117,7 @@ def main() -> None:
             print(f"{variant:40s} rows {bank.count:8d} {row['sampling']:12s} mIoU {100 * row['miou']:.2f}  "
                   f"(reference {100 * row['miou_reference']:.2f})", flush=True)
             if args.out:  # after every row, so a long run that is stopped keeps what it measured
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(args.out, json.dumps(report, indent=2, default=str).encode() + b"\n")
+                write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from hummingbird_fungi.memory.bank import partial_path, read_manifest, shard_files, shard_name
+from hummingbird_fungi.testing import make_folder_dataset
 
 log = logging.getLogger("kill_resume_check")
-
-CLASSES = ("sky", "road", "car")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,33 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/kill_resume"), help="emptied and reused")
     parser.add_argument("--images", type=int, default=24, help="training images")
-    parser.add_argument("--image-size", type=int, default=64, help="generated images are square")
+    parser.add_argument("--image-size", type=int, default=64,
+                        help="side of the generated square toy scenes (at least 32)")
     parser.add_argument("--input-size", type=int, default=224, help="model input size (slows each shard down)")
     parser.add_argument("--shard-images", type=int, default=2)
     parser.add_argument("--kill-after", type=int, default=2, help="complete shards on disk before the SIGKILL")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed for each build")
     return parser.parse_args(argv)
-
-
-def make_dataset(root: Path, images: int, size: int, seed: int = 0) -> Path:
-    """A folder dataset of toy scenes (sky, road, a car box, a void horizon line) in images/train."""
-    rng = np.random.default_rng(seed)
-    colours = np.array([[90, 140, 230], [110, 110, 110], [200, 30, 30]], np.float32)
-    for kind in ("images", "annotations"):
-        (root / kind / "train").mkdir(parents=True, exist_ok=True)
-    for i in range(images):
-        mask = np.zeros((size, size), np.uint8)
-        horizon = int(rng.integers(size // 3, 2 * size // 3))
-        mask[horizon:] = 1
-        top, left = int(rng.integers(horizon - size // 8, size - size // 5)), int(rng.integers(0, size - size // 3))
-        mask[top:top + size // 5, left:left + size // 3] = 2
-        image = np.clip(colours[mask] + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
-        mask[horizon] = len(CLASSES)
-        Image.fromarray(image).save(root / "images" / "train" / f"img{i:03d}.png")
-        Image.fromarray(mask).save(root / "annotations" / "train" / f"img{i:03d}.png")
-    (root / "dataset.yaml").write_text(f"name: toy\nnum_classes: {len(CLASSES)}\nignore_index: {len(CLASSES)}\n"
-                                       f"classes: [{', '.join(CLASSES)}]\n")
-    return root
 
 
 def build_command(data: Path, bank: Path, args: argparse.Namespace) -> list[str]:
@@ -74,19 +52,15 @@ def build_command(data: Path, bank: Path, args: argparse.Namespace) -> list[str]
             f"memory.path={bank}"]
 
 
-def complete_shards(bank: Path) -> dict[str, int]:
+def complete_shards(bank: Path, count: int) -> dict[str, int]:
     """Shards of an unfinished build with both files on disk: name -> mtime of its feature file (ns)."""
-    shard_dir = bank.with_name(bank.name + ".partial") / "shards"
-    if not shard_dir.is_dir():
-        return {}
     shards = {}
-    for feats in shard_dir.glob("*.features.npy"):
-        name = feats.name.split(".")[0]
-        labels = shard_dir / f"{name}.labels.npy"
+    for name in map(shard_name, range(count)):
+        feats, labels = shard_files(partial_path(bank), name)
         try:
             if labels.exists():
                 shards[name] = feats.stat().st_mtime_ns
-        except FileNotFoundError:  # renamed under us
+        except FileNotFoundError:  # not written yet, or renamed under us
             continue
     return shards
 
@@ -94,12 +68,13 @@ def complete_shards(bank: Path) -> dict[str, int]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two builds run side by side
 
 
-def run_and_kill(command: list[str], bank: Path, kill_after: int, timeout: float, log_file: Path) -> dict[str, int]:
-    """Start `command`, SIGKILL it once `kill_after` shards are complete; the shards on disk then."""
+def run_and_kill(command: list[str], bank: Path, shards: int, kill_after: int, timeout: float,
+                 log_file: Path) -> dict[str, int]:
+    """Start `command` (a build of `shards` shards), SIGKILL it once `kill_after` are complete; the shards then."""
     with open(log_file, "wb") as stderr:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=ENV)
     deadline = time.monotonic() + timeout
-    while len(complete_shards(bank)) < kill_after:
+    while len(complete_shards(bank, shards)) < kill_after:
         if process.poll() is not None:
             raise RuntimeError(f"the build ended (code {process.returncode}) before {kill_after} shards:\n"
                                f"{log_file.read_text()[-2000:]}")
@@ -109,9 +84,9 @@ def run_and_kill(command: list[str], bank: Path, kill_after: int, timeout: float
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    shards = complete_shards(bank)
-    log.info("SIGKILL sent with %d complete shards on disk", len(shards))
-    return shards
+    done = complete_shards(bank, shards)
+    log.info("SIGKILL sent with %d complete shards on disk", len(done))
+    return done
 
 
 def run_to_end(command: list[str], timeout: float) -> str:
@@ -136,15 +111,16 @@ def compare_trees(first: Path, second: Path) -> dict:
 def check(workdir: Path, args: argparse.Namespace) -> dict:
     """Kill, resume and compare in `workdir`; the results dictionary."""
     shutil.rmtree(workdir, ignore_errors=True)
-    data = make_dataset(workdir / "data", args.images, args.image_size)
+    data = make_folder_dataset(workdir / "data", n_train=args.images, n_val=0, size=(args.image_size,) * 2)
     full, resumed = workdir / "full", workdir / "resumed"
+    shards = -(-args.images // args.shard_images)  # one pass (memory.augmentation_epochs=1)
     start = time.perf_counter()
     uninterrupted = subprocess.Popen(build_command(data, full, args), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, env=ENV)
     try:
-        at_kill = run_and_kill(build_command(data, resumed, args), resumed, args.kill_after, args.timeout,
+        at_kill = run_and_kill(build_command(data, resumed, args), resumed, shards, args.kill_after, args.timeout,
                                workdir / "killed.log")
-        killed_state = {"partial_exists": resumed.with_name(resumed.name + ".partial").is_dir(),
+        killed_state = {"partial_exists": partial_path(resumed).is_dir(),
                         "bank_exists": resumed.exists()}
         resume_log = run_to_end(build_command(data, resumed, args), args.timeout)
         log.info("resumed build finished")
@@ -153,9 +129,9 @@ def check(workdir: Path, args: argparse.Namespace) -> dict:
     finally:
         if uninterrupted.poll() is None:
             uninterrupted.kill()
-    manifest = json.loads((resumed / "manifest.json").read_text())
+    manifest = read_manifest(resumed)
     kept = [name for name, mtime in at_kill.items()
-            if (resumed / "shards" / f"{name}.features.npy").stat().st_mtime_ns == mtime]
+            if shard_files(resumed, name)[0].stat().st_mtime_ns == mtime]
     return {"shards_total": len(manifest["shards"]), "rows": manifest["count"],
             "shards_complete_at_kill": len(at_kill), "shards_kept_by_resume": len(kept),
             **killed_state, "resume_logged": "resuming the memory-bank build" in resume_log,

@@ -14,22 +14,23 @@ Rule, per split and image:
    kept components (all of them when fewer).
 Crops are written as <out>/<split>/<class>/<stem>_<component>.png, with a rule.json.
 
-    python tools/make_camvid_crops.py --root /work/shared/assets/camvid --out runs/camvid_crops
+    python tools/make_camvid_crops.py --root CAMVID_ROOT --out runs/camvid_crops
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
-from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
+
+from hummingbird_fungi.data.segmentation import read_folder_info
+from hummingbird_fungi.data.transforms import read_image, read_mask
+from hummingbird_fungi.fileio import write_json
 
 log = logging.getLogger("make_camvid_crops")
 
@@ -107,13 +108,13 @@ def make_split(root: Path, out: Path, split: str, class_ids: dict[str, int], rul
         raise SystemExit(f"no label maps in {root / 'annotations' / split}")
     crops = []
     for path in tqdm(labels, desc=f"{split}: components", unit="img"):
-        crops.extend(find_crops(np.array(Image.open(path)), path.stem, class_ids, rule))
+        crops.extend(find_crops(read_mask(path), path.stem, class_ids, rule))
     crops = limit_per_class(crops, rule)
     for crop in tqdm(crops, desc=f"{split}: crops", unit="crop"):
         folder = out / split / crop.label
         folder.mkdir(parents=True, exist_ok=True)
-        with Image.open(root / "images" / split / f"{crop.stem}.jpg") as image:
-            image.convert("RGB").crop(crop.box).save(folder / f"{crop.stem}_{crop.component:03d}.png")
+        read_image(root / "images" / split / f"{crop.stem}.jpg").crop(crop.box).save(
+            folder / f"{crop.stem}_{crop.component:03d}.png")
     return {label: sum(c.label == label for c in crops) for label in rule.classes}
 
 
@@ -131,7 +132,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=CropRule.seed)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    names = yaml.safe_load((args.root / "dataset.yaml").read_text())["classes"]
+    names = list(read_folder_info(args.root / "dataset.yaml").class_names)
     unknown = sorted(set(args.classes) - set(names))
     if unknown:
         raise SystemExit(f"classes {unknown} are not in {args.root / 'dataset.yaml'} ({names})")
@@ -141,8 +142,7 @@ def main() -> None:
         raise SystemExit(f"{args.out} is not empty; choose a new folder")
     counts = {split: make_split(args.root, args.out, split, {n: i for i, n in enumerate(names)}, rule)
               for split in args.splits}
-    (args.out / "rule.json").write_text(json.dumps({"root": str(args.root.resolve()), "rule": asdict(rule),
-                                                    "counts": counts}, indent=2) + "\n")
+    write_json(args.out / "rule.json", {"root": str(args.root.resolve()), "rule": asdict(rule), "counts": counts})
     for split, per_class in counts.items():
         log.info("%s: %d crops %s", split, sum(per_class.values()), per_class)
 

@@ -2,12 +2,12 @@
 
 Picks `--num-examples` train images evenly spaced over the sorted train list (CamVid is video,
 so neighbours are near-duplicates), links them (no copies) into `<out>/examples/{images,masks}`,
-runs the `segment` command with the val ground truth, then rebuilds smaller banks from the same
-examples for the mIoU-vs-memory-size plot. Writes everything `segment` writes plus
-`<out>/miou_vs_memory.png` and `<out>/camvid_report.json`.
+segments CamVid val with the val ground truth as `hbfungi segment` does (segment.folders), then
+rebuilds smaller banks from the same examples for the mIoU-vs-memory-size plot. Writes everything
+`segment` writes plus `<out>/miou_vs_memory.png` and `<out>/camvid_report.json`.
 
-    python tools/segment_camvid.py --root /work/shared/assets/camvid \
-        --weights /work/shared/assets/weights/dinov2_vits14_imgfocus.pth --out /tmp/camvid_segment
+    python tools/segment_camvid.py --root CAMVID_ROOT \
+        --weights dinov2_vits14.pth --out /tmp/camvid_segment
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ import logging
 import time
 from pathlib import Path
 
-from hummingbird_fungi.cli.main import build_parser, write_results
-from hummingbird_fungi.segment.folders import (build_segmenter, finish, list_images, masks_by_stem, memory_sweep,
-                                           run_segment)
-from hummingbird_fungi.segment.visualize import plot_miou_vs_memory
+from hummingbird_fungi.fileio import write_json
+from hummingbird_fungi.segment.folders import list_images, segment_folder, segmenter_from_folder, sweep_and_plot
 
 log = logging.getLogger("segment_camvid")
 
@@ -65,34 +63,32 @@ def main() -> None:
     start = time.perf_counter()
     examples = link_examples(opts.root, opts.out, opts.num_examples)
     val_images, val_masks = opts.root / "images" / "val", opts.root / "annotations" / "val"
-    args = build_parser().parse_args([
-        "segment", "--examples", str(examples), "--images", str(val_images), "--ground-truth", str(val_masks),
-        "--out", str(opts.out), "--backbone", opts.backbone, "--weights", str(opts.weights),
-        "--features", opts.features, "--batch-size", str(opts.batch_size)])
-    summary, segmenter = run_segment(args, examples, None, val_images, val_masks, opts.out)
-    finish(summary, opts.out)
+    options = {"backbone": opts.backbone, "weights": opts.weights, "features": opts.features,
+               "batch_size": opts.batch_size}
+    segmenter, failed = segmenter_from_folder(examples, **options)
+    summary = segment_folder(segmenter, val_images, opts.out, val_masks, opts.batch_size,
+                             record={"examples": str(examples), "failed_examples": failed})
+    summary["timings"]["total_s"] = time.perf_counter() - start
+    write_json(opts.out / "summary.json", summary)
     segment_s = time.perf_counter() - start
 
-    full = segmenter.bank.count
-    gts = masks_by_stem(val_masks)
-    files = [p for p in list_images(val_images)[0] if p.stem in gts]
-    sizes = [full // int(d) for d in opts.sweep.split(",") if d]
-    points = memory_sweep(lambda size: build_segmenter(args, examples, None, memory_size=size,
-                                                       backbone=segmenter.backbone)[0],
-                          files, [gts[p.stem] for p in files], sizes, opts.batch_size)
-    points.append({"memory_size": None, "rows": full, "miou": summary["metrics"]["miou"]})
-    plot_miou_vs_memory({f"{opts.backbone} {opts.features}, {opts.num_examples} examples":
-                         [(p["rows"], p["miou"]) for p in points]}, opts.out / "miou_vs_memory.png",
-                        title="CamVid val: mIoU vs memory size")
-    report = {"miou": summary["metrics"]["miou"], "miou_reference": summary["metrics"]["miou_reference"],
-              "per_class_iou": summary["metrics"]["per_class_iou"], "num_val_images": len(files),
+    label = f"{opts.backbone} {opts.features}, {opts.num_examples} examples"
+    points = sweep_and_plot(
+        lambda size: segmenter_from_folder(examples, **{**options, "backbone": segmenter.backbone},
+                                           memory_size=size)[0],
+        summary, val_images, val_masks, [int(d) for d in opts.sweep.split(",") if d],
+        opts.out / "miou_vs_memory.png", label, opts.batch_size, title="CamVid val: mIoU vs memory size")
+    metrics = summary["metrics"]
+    scored = sum("pixel_accuracy" in image for image in summary["segment"]["images"])
+    report = {"miou": metrics["miou"], "miou_reference": metrics["miou_reference"],
+              "per_class_iou": metrics["per_class_iou"], "num_val_images": scored,
               "num_examples": opts.num_examples, "memory_sweep": points, "segment_s": segment_s,
               "total_s": time.perf_counter() - start, "timings": summary["timings"],
               "images_per_s": summary["segment"]["images_per_s"]}
-    write_results(report, opts.out / "camvid_report.json")
-    print(f"CamVid val mIoU {100 * report['miou']:.2f} ({len(files)} images, {opts.num_examples} examples, "
-          f"{full} memory rows); segment run {segment_s:.0f} s, total {report['total_s']:.0f} s; "
-          f"grid {opts.out / 'grid.png'}")
+    write_json(opts.out / "camvid_report.json", report)
+    print(f"CamVid val mIoU {100 * report['miou']:.2f} ({scored} images, {opts.num_examples} examples, "
+          f"{summary['segmenter']['memory_rows']} memory rows); segment run {segment_s:.0f} s, "
+          f"total {report['total_s']:.0f} s; grid {opts.out / 'grid.png'}")
 
 
 if __name__ == "__main__":

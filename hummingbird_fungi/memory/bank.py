@@ -36,6 +36,12 @@ def shard_files(bank_dir: Path, name: str) -> tuple[Path, Path]:
     return bank_dir / "shards" / f"{name}.features.npy", bank_dir / "shards" / f"{name}.labels.npy"
 
 
+def partial_path(bank: str | Path) -> Path:
+    """Where an unfinished build of `bank` lives: `<bank>.partial`."""
+    bank = Path(bank)
+    return bank.with_name(bank.name + ".partial")
+
+
 def shard_name(number: int) -> str:
     """The file-name stem of shard `number`."""
     return f"{number:05d}"
@@ -187,7 +193,7 @@ class BankWriter:
 
     def __init__(self, path: str | Path, build: dict[str, Any], resume: bool = True, create: bool = True) -> None:
         self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.partial = partial_path(self.path)
         self.build = build
         if self.path.exists():
             raise DataError(f"memory bank {self.path} already exists; remove it or choose another path")
