@@ -1,33 +1,88 @@
-"""Atomic file writes: everything the toolkit writes goes through a temporary file and a rename."""
+"""Where the toolkit writes: atomic writes and the checks of output locations made before any work.
+
+Every file goes through a fresh temporary file in its own folder (created exclusively, so a planted
+symlink is never followed), is fsynced and renamed over the target with `os.replace` (which
+replaces a symlink itself, not what it points to). An OSError while writing (a full disk, a
+read-only folder) becomes a DataError naming the file, and no partial file is left behind.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import secrets
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator, Mapping
 
 import numpy as np
 
+from hummingbird_fungi.errors import ConfigError, DataError
 
-def write_atomic(path: Path, data: bytes) -> None:
+TEMP_MARK = ".tmp-"  # temporary files are named .<target name>.tmp-<random><target suffix>
+NAME_MAX = 255  # bytes in one path component on common file systems
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[IO[bytes]]:
+    """A binary handle on a fresh temporary file beside `path`, fsynced and renamed over `path` when the
+    block ends without error (removed on error)."""
+    path = Path(path)
+    try:
+        tmp, handle = _create_temp(path)
+    except OSError as exc:
+        raise DataError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with handle:
+            yield handle
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise DataError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after the rename; a partial file after an error
+
+
+def _create_temp(path: Path) -> tuple[Path, IO[bytes]]:
+    """A new, exclusively created temporary file beside `path` (permissions from the umask) and its handle."""
+    while True:
+        tmp = path.with_name(f".{path.name}{TEMP_MARK}{secrets.token_hex(4)}{path.suffix}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        return tmp, os.fdopen(fd, "wb")
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
     """Write bytes to `path` through a temporary file in the same folder and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    with atomic_write(path) as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save through a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, array)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
+    """np.save (the same bytes) through a temporary file and a rename."""
+    with atomic_write(path) as handle:
+        np.save(handle, array)
+
+
+def remove_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in `folder` (only safe while holding its lock)."""
+    stale = [p for p in folder.glob(f".*{TEMP_MARK}*") if p.is_file()]
+    for file in stale:
+        file.unlink(missing_ok=True)
+    return stale
+
+
+def save_image(path: Path, image: Any, format: str = "PNG", **params: Any) -> None:
+    """Encode a PIL image (`params`: encoder options, e.g. quality) and write it atomically (a planted symlink
+    is replaced, never followed)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **params)
+    write_atomic(path, buffer.getvalue())
 
 
 def json_safe(value: Any) -> Any:
@@ -48,6 +103,96 @@ def json_safe(value: Any) -> Any:
 def write_json(path: str | Path, results: dict) -> Path:
     """Write `results` as strict JSON (NaN/inf as null), atomically; parent folders are created."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     write_atomic(path, (json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n").encode())
     return path
+
+
+def make_dirs(folder: str | Path) -> Path:
+    """Create `folder` and its parents (a DataError naming it when that fails)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create folder {folder}: {exc.strerror or exc}") from exc
+    return folder
+
+
+# --------------------------------------------------------------------------- checks made before any work
+
+
+def _check_name(path: Path, what: str) -> None:
+    """Refuse a path the file system cannot hold (a NUL byte, a component over NAME_MAX bytes)."""
+    if "\0" in str(path):
+        raise ConfigError(f"{what} {str(path)!r} contains a NUL byte")
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise ConfigError(f"{what} {path}: the name {part[:40]}... is longer than {NAME_MAX} bytes")
+
+
+def _check_parent(path: Path, what: str) -> None:
+    """The nearest existing ancestor of `path` must be a writable directory."""
+    parent = path.absolute().parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: folder {parent} is not writable")
+
+
+def check_output_file(path: str | Path | None, what: str) -> None:
+    """Refuse a file output that is a directory, lies under a file, or sits in a folder we cannot write."""
+    if path is None:
+        return
+    path = Path(path)
+    _check_name(path, what)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; give a file name, e.g. {path / 'results.json'}")
+    _check_parent(path, what)
+
+
+def check_output_dir(path: str | Path | None, what: str) -> None:
+    """Refuse a folder output that is a file (or a symlink to nowhere) or cannot be created and written."""
+    if path is None:
+        return
+    path = Path(path)
+    _check_name(path, what)
+    if path.exists() and not path.is_dir() or path.is_symlink() and not path.exists():
+        raise ConfigError(f"{what} {path} exists and is not a directory")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{what} {path} is not writable")
+        return
+    _check_parent(path, what)
+
+
+def check_input(path: str | Path | None, what: str, kind: str = "dir") -> None:
+    """Refuse a missing input: `kind` 'dir' (a folder) or 'file'."""
+    if path is None:
+        return
+    path = Path(path)
+    _check_name(path, what)
+    if not (path.is_dir() if kind == "dir" else path.is_file()):
+        raise DataError(f"{what} {path} does not exist or is not a {'directory' if kind == 'dir' else 'file'}")
+
+
+def check_no_overlap(outputs: Mapping[str, str | Path | None], inputs: Mapping[str, str | Path | None]) -> None:
+    """Refuse an output that is, lies inside or contains an input (symlinks resolved), before anything is written.
+
+    Keys name the paths in the message (e.g. '--out', '--ground-truth').
+    """
+    for out_name, out in outputs.items():
+        if out is None:
+            continue
+        target = Path(out).resolve()
+        for in_name, source in inputs.items():
+            if source is None:
+                continue
+            origin = Path(source).resolve()
+            relation = ("is" if target == origin else "lies inside" if target.is_relative_to(origin)
+                        else "contains" if origin.is_relative_to(target) else None)
+            if relation:
+                link = f" (which resolves to {target})" if target != Path(out).absolute() else ""
+                raise ConfigError(f"refusing to write: {out_name} {out}{link} {relation} {in_name} {source}; "
+                                  f"outputs would overwrite inputs, choose another location")

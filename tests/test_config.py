@@ -17,7 +17,7 @@ from hummingbird_fungi.config.schema import (
 )
 from hummingbird_fungi.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "hummingbird_fungi" / "configs"
 
 
 def test_overrides_parse_yaml_values_into_typed_sections():
@@ -101,7 +101,7 @@ def test_every_preset_loads(path):
 
 def test_input_size_forms():
     assert parse_size(224) == (224, 224)
-    assert parse_size("448x336") == (336, 448)
+    assert parse_size("336x448") == (336, 448)
     assert parse_size([336, 448]) == (336, 448)
     with pytest.raises(ValueError):
         parse_size("big")

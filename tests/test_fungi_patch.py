@@ -44,7 +44,8 @@ def images() -> torch.Tensor:
 
 
 def reference_loss(z: torch.Tensor, negatives: torch.Tensor, tau: float) -> torch.Tensor:
-    """The FUNGI segmentation code's info_nce_loss for one image as written (broadcast cosine, -1e4 diagonal), in fp32."""
+    """The FUNGI segmentation code's info_nce_loss for one image as written (broadcast cosine, -1e4 diagonal),
+    in fp32."""
     tokens, k = z.shape[0], negatives.shape[0]
     columns = F.normalize(torch.cat([negatives, z]), dim=-1)
     sim = F.cosine_similarity(F.normalize(z, dim=-1)[:, None], columns[None], dim=-1)  # (T, K + T)
@@ -57,7 +58,8 @@ def reference_loss(z: torch.Tensor, negatives: torch.Tensor, tau: float) -> torc
 
 
 def reference_negatives(ext: FungiPatchFeatures, tokens: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-    """The FUNGI segmentation code's negatives for one image's tokens (T, E): exact top-k, gather, (buggy) reshape, head, keep-mask."""
+    """The FUNGI segmentation code's negatives for one image's tokens (T, E): exact top-k, gather, (buggy)
+    reshape, head, keep-mask."""
     count, dim = tokens.shape
     ids = (F.normalize(tokens, dim=-1) @ support.T).topk(ext.neg_k, dim=1).indices  # (T, K)
     rows = support[ids.reshape(-1)]

@@ -53,7 +53,8 @@ def test_hbird_evaluation_is_evaluate_with_ohe_defaults(toy_dataset):
     """The wrapper adds nothing: the same encoder through evaluate() with the same settings scores the same."""
     encoder = create_encoder(TinyCNN(stride=16, dim=E), stride=16)
     wrapped = hbird_evaluation(encoder, E, 16, data_dir=str(toy_dataset), return_knn_details=True, seed=3, **OHE)[1]
-    direct = evaluate(encoder, build_dataset("folder", toy_dataset, "train"), build_dataset("folder", toy_dataset, "val"),
+    direct = evaluate(encoder, build_dataset("folder", toy_dataset, "train"),
+                      build_dataset("folder", toy_dataset, "val"),
                       input_size=64, memory=MemoryOptions(size=None), retrieval=RetrievalOptions(k=5),
                       batch_size=3, device="cpu", seed=3)
     assert wrapped["miou"] == direct["miou"] and wrapped["per_class_iou"] == direct["per_class_iou"]

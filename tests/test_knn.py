@@ -126,7 +126,8 @@ def test_format_table_has_one_line_per_combination() -> None:
     rows = [{"features": f, "shots": s, "few_shot_rule": None if s == "full" else "first", "vote": "uniform",
              "accuracy": 0.5, "mean_per_class_accuracy": 0.25} for f in ("emb", "emb+kl") for s in ("full", 5)]
     table = format_table(rows).splitlines()
-    assert len(table) == 4 and "5-shot first" in table[0] and "50.00 / 25.00" in table[2]
+    assert len(table) == 5 and "5-shot first" in table[1] and "50.00 / 25.00" in table[3]
+    assert table[0].startswith("each cell: top-1 accuracy / mean per-class accuracy (%)")  # the column legend
 
 
 # --------------------------------------------------------------------------- feature cache
@@ -231,7 +232,7 @@ def tiny_backbones(monkeypatch: pytest.MonkeyPatch) -> None:
 def tiny_config(tmp_path) -> KnnConfig:
     """Digits subset, 16 px, all objectives with few views, cached under tmp_path."""
     overrides = [
-        "device=cpu", "model.input_size=16", "data.max_train_images=40", "data.max_eval_images=20",
+        "device=cpu", "model.input_size=16", "data.subset=40", "data.eval_subset=20",
         "data.num_workers=0", "data.batch_size=16", f"features.cache_dir={tmp_path}", "features.chunk_size=25",
         "features.kl.latent_dim=16", "features.dino.local_views=2", "features.dino.latent_dim=16",
         "features.simclr.stride_scale=1", "features.simclr.negatives=3", "features.simclr.latent_dim=8",

@@ -18,6 +18,13 @@ def config(root, *extra):
     return load_config(None, TINY + [f"data.root={root}", *extra])
 
 
+def corrupt(image):
+    """Overwrite an image file with bytes no decoder reads; its original bytes."""
+    good = image.read_bytes()
+    image.write_bytes(b"not a png")
+    return good
+
+
 def test_hbird_is_reproducible_and_exact_backends_agree(toy_dataset):
     first = run_hbird(config(toy_dataset, "seed=3"))
     again = run_hbird(config(toy_dataset, "seed=3"))
@@ -55,8 +62,7 @@ def test_bad_inputs_name_the_culprit_and_keep_finished_shards(toy_dataset, tmp_p
     bank = tmp_path / "bank"
     args = [*TINY, f"data.root={toy_dataset}", f"memory.path={bank}"]
     bad = toy_dataset / "images" / "train" / "train004.png"
-    good = bad.read_bytes()
-    bad.write_bytes(b"not a png")
+    good = corrupt(bad)
     assert main(["build-memory", *args]) == 2
     assert "train004.png" in capsys.readouterr().err
     shards = sorted((tmp_path / "bank.partial" / "shards").glob("*.npy"))

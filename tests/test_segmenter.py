@@ -51,7 +51,7 @@ def segmenter(examples) -> InContextSegmenter:
 
 
 CLI_MODEL = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--backbone-option", "depth=2",
-             "--backbone-option", "patch_size=8", "--input-size", f"{INPUT[1]}x{INPUT[0]}", "--device", "cpu",
+             "--backbone-option", "patch_size=8", "--input-size", f"{INPUT[0]}x{INPUT[1]}", "--device", "cpu",
              "--k", "10"]
 
 

@@ -10,7 +10,8 @@ from PIL import Image
 from hummingbird_fungi.segment.demo_data import CLASS_NAMES, make_scene, write_demo_data
 from hummingbird_fungi.errors import ConfigError
 from hummingbird_fungi.cli.segment import demo_sources
-from hummingbird_fungi.segment.visualize import (VOID_COLOUR, colorize, overlay, overlay_grid, palette, plot_miou_vs_memory,
+from hummingbird_fungi.segment.visualize import (DISTINCT, VOID_COLOUR, colorize, mask_image, overlay, overlay_grid,
+                                                 overlay_with_legend, palette, plot_miou_vs_memory,
                                          plot_per_class_iou)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -21,10 +22,40 @@ def is_png(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
 
 
-def test_palette_is_voc_and_distinct():
+def test_palette_keeps_classes_apart_and_takes_a_dataset_palette():
     colours = palette(300)
-    assert colours[:4].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
     assert len({tuple(c) for c in colours}) == 300
+    assert colours[:20].tolist() == [list(c) for c in DISTINCT]
+    first = colours[:20].astype(int)  # CamVid's sky (0) and car (8), VOC's first 20: never near-black
+    assert first.sum(1).min() > 120
+    gaps = np.abs(first[:, None] - first[None]).sum(-1) + np.eye(20, dtype=int) * 999
+    assert gaps[:12, :12].min() >= 50 and gaps.min() >= 30  # summed RGB levels between any two colours
+    own = palette(3, [[1, 2, 3], [4, 5, 6]])
+    assert own[:2].tolist() == [[1, 2, 3], [4, 5, 6]] and own[2].tolist() == list(DISTINCT[0])
+
+
+def test_mask_png_keeps_ids_and_shows_colours(tmp_path):
+    mask = np.array([[0, 1, 2], [8, 10, 255]], dtype=np.uint8)
+    mask_image(mask, palette(11)).save(tmp_path / "m.png")
+    loaded = Image.open(tmp_path / "m.png")
+    assert loaded.mode == "P" and np.array_equal(np.array(loaded), mask)
+    assert tuple(loaded.convert("RGB").getpixel((1, 1))) == DISTINCT[10]
+    assert tuple(loaded.convert("RGB").getpixel((2, 1))) == (255, 255, 255)  # void shows white
+    wide = np.array([[0, 300]], dtype=np.uint16)
+    mask_image(wide, palette(301)).save(tmp_path / "w.png")
+    assert np.array_equal(np.array(Image.open(tmp_path / "w.png")), wide)
+
+
+def test_overlay_has_a_legend_of_the_classes_present():
+    mask = np.zeros((40, 120), np.int64)
+    mask[:, 60:] = 2
+    names = ["sky", "building", "car"]
+    out = overlay_with_legend(np.full((40, 120, 3), 128, np.uint8), mask, names)
+    assert out.shape[1] == 120 and out.shape[0] > 40  # a strip below the image
+    strip = out[40:].reshape(-1, 3)
+    colours = {tuple(c) for c in strip.tolist()}
+    assert DISTINCT[0] in colours and DISTINCT[2] in colours and DISTINCT[1] not in colours  # swatches of 0 and 2
+    assert (strip.sum(1) < 100).sum() > 20  # dark text pixels (the names)
 
 
 def test_colorize_marks_void_and_overlay_keeps_size():

@@ -1,6 +1,6 @@
 """Benchmark patch features: seconds per image for a plain forward and FUNGI variants, with step shares.
 
-Per image means one WxH image passed in batches of `--batch`, with features for all its
+Per image means one HxW image passed in batches of `--batch`, with features for all its
 patches; variants ending in `_select<n>` project only n random patches per image, as when a
 memory bank keeps n of them (forward and loss still use the whole image). Every variant is
 timed in `--rounds` interleaved rounds and its best round is reported, so load from other
@@ -11,7 +11,7 @@ fractions of a variant's best round: forward (the no-grad backbone pass plus the
 tail after the gradient layer), negatives (support search, gather, head), loss_backward
 (loss and the tail backward), projection, other.
 
-    python tools/bench_features.py --backbone dinov2_vits14 --weights FILE --size 448x336
+    python tools/bench_features.py --backbone dinov2_vits14 --weights FILE --size 336x448
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", required=True)
     parser.add_argument("--weights", default=None, help="local state dict; default: the hub weights")
-    parser.add_argument("--size", default="448x336", help="WxH input size")
+    parser.add_argument("--size", default="336x448", help="HxW input size (height first)")
     parser.add_argument("--images", type=int, default=4, help="timed images per variant and round")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best is kept")

@@ -4,7 +4,7 @@ Each variant's features are extracted once for every train patch (unbounded, no 
 and once for the eval images; smaller banks are drawn from the full one with the builder's
 own sampling (identical to building them directly). Prints and writes a JSON table.
 
-    python tools/compare_features.py --config configs/camvid_dinov2_vits14.yaml \
+    python tools/compare_features.py --config camvid_dinov2_vits14 \
         --variant embeddings --variant fungi:projection=structured --variant fungi:projection=dense \
         --memory-size none --memory-size 102400 --out runs/camvid_features.json \
         data.root=CAMVID model.weights=dinov2_vits14.pth

@@ -2,7 +2,7 @@
 
 Shows the bring-your-own-model path on real data: the script builds the ViT with timm itself,
 loads the state dict, and hands the module to `hbird_evaluation` with open-hummingbird-eval's
-argument names. The settings equal configs/camvid_dinov2_vits14.yaml (448x336, every train patch,
+argument names. The settings equal the preset camvid_dinov2_vits14 (H x W 336 x 448, every train patch,
 no augmentation, exact search, k=30, T=0.02, ImageNet std), so the figures match `hbfungi hbird`
 with that preset.
 
@@ -45,7 +45,7 @@ def main() -> None:
     features = FeatureOptions(kind="fungi" if args.fungi else "embeddings")
     miou, details = hbird_evaluation(
         model, d_model=model.embed_dim, patch_size=model.patch_embed.patch_size[0], dataset_name="folder",
-        data_dir=str(args.root), batch_size=args.batch_size, input_size="448x336", augmentation_epoch=1,
+        data_dir=str(args.root), batch_size=args.batch_size, input_size=[336, 448], augmentation_epoch=1,
         device="auto", return_knn_details=True, n_neighbours=30, nn_method="torch", memory_size=None,
         num_workers=args.num_workers, memory=MemoryOptions(size=None, augment=False), normalize="imagenet",
         features=features)

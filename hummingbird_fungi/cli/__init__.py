@@ -1,5 +1,5 @@
-"""The `hbfungi` command line: thin sub-commands that parse options and call the package's API."""
+"""The `hbfungi` command line: thin sub-commands that parse options and call the package's API.
 
-from hummingbird_fungi.cli.main import main
-
-__all__ = ["main"]
+`cli.main` builds the parser and dispatches; `cli.segment` holds the `segment` and `demo` commands;
+`cli.output` prints metric lines and writes results files.
+"""

@@ -1,4 +1,8 @@
-"""`hbfungi` command line: presets plus dotted key=value overrides for every stage."""
+"""`hbfungi` command line: presets plus dotted key=value overrides for every stage.
+
+Only argparse and the typed schema are imported to build the parser (`--help` answers at once);
+each command imports what it runs.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,22 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from hummingbird_fungi.cli.output import print_metrics, write_results
+from hummingbird_fungi import __version__
+from hummingbird_fungi.cli.output import print_metrics, setup_logging, write_results
 from hummingbird_fungi.errors import BankMismatchError, ConfigError, DataError
 
 log = logging.getLogger("hummingbird_fungi")
+EXAMPLES = {
+    "hbird": "hbfungi hbird --config camvid_dinov2_vits14 --out r.json data.root=camvid model.weights=w.pth",
+    "build-memory": "hbfungi build-memory --config ade20k_dino_vitb16_mem1e3 memory.path=banks/ade data.root=ADE",
+    "evaluate": "hbfungi evaluate --config ade20k_dino_vitb16_mem1e3 memory.path=banks/ade data.root=ADE",
+    "knn": "hbfungi knn --config knn_digits_dinov2_vits14 --out r.json model.weights=w.pth",
+}
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """--config, --out, --seed, --device and the trailing overrides."""
-    parser.add_argument("--config", type=Path, help="YAML preset (see configs/)")
+    parser.add_argument("--config", help="a shipped preset by name (see `hbfungi configs`) or a YAML file")
     parser.add_argument("--out", type=Path, help="results JSON to write")
     parser.add_argument("--seed", type=int, help="seed for every random choice (same as seed=N)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 or auto (same as device=...)")
@@ -44,7 +55,7 @@ def cmd_hbird(args: argparse.Namespace) -> None:
     """Build (or reuse) the memory bank, then evaluate."""
     from hummingbird_fungi.eval.hbird import run_hbird
 
-    results = run_hbird(config_from_args(args))
+    results = run_hbird(config_from_args(args), args.out)
     print_metrics(results)
     write_results(results, args.out)
 
@@ -53,7 +64,7 @@ def cmd_build_memory(args: argparse.Namespace) -> None:
     """Build and save a memory bank."""
     from hummingbird_fungi.eval.hbird import run_build_memory
 
-    results = run_build_memory(config_from_args(args))
+    results = run_build_memory(config_from_args(args), args.out)
     print(f"memory bank {results['path']}: {results['memory']['rows']} rows x {results['memory']['dim']}")
     write_results(results, args.out)
 
@@ -62,17 +73,67 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     """Evaluate with a saved memory bank."""
     from hummingbird_fungi.eval.hbird import run_evaluate
 
-    results = run_evaluate(config_from_args(args))
+    results = run_evaluate(config_from_args(args), args.out)
     print_metrics(results)
     write_results(results, args.out)
 
 
+def cmd_configs(args: argparse.Namespace) -> None:
+    """List the shipped presets with what each is for."""
+    from hummingbird_fungi.config.loader import preset_description, presets
+
+    shipped = presets()
+    width = max(len(name) for name in shipped)
+    for name, path in shipped.items():
+        print(f"{name:<{width}}  {preset_description(path)}")
+
+
+def cmd_config_show(args: argparse.Namespace) -> None:
+    """Print a preset merged with overrides, validated, one key a line with its description."""
+    from hummingbird_fungi.config.loader import read_preset
+
+    schema = schema_of(args.command_name or ("knn" if "knn" in read_preset(args.name) else "hbird"))
+    args.config, args.seed, args.device = args.name, None, None
+    config = config_from_args(args, schema)
+    rows = config.describe()
+    width = max(len(f"{key}: {as_yaml(value)}") for key, value, _ in rows)
+    for key, value, doc in rows:
+        text = f"{key}: {as_yaml(value)}"
+        print(f"{text:<{width}}  # {doc}" if doc else text)
+
+
+def as_yaml(value: object) -> str:
+    """A value as it is written in a preset or an override (null, true, [a, b])."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...").strip()
+
+
+def schema_of(command: str) -> type:
+    """The typed schema of a command's configuration."""
+    from hummingbird_fungi.config.schema import HbirdConfig, KnnConfig
+
+    return KnnConfig if command == "knn" else HbirdConfig
+
+
+def key_help(command: str) -> str:
+    """An epilog listing every configuration key of a command with its default, and an example."""
+    rows = schema_of(command)().describe()
+    width = max(len(key) for key, _, _ in rows)
+    lines = [f"  {key:<{width}}  {as_yaml(value)}  {doc}".rstrip() for key, value, doc in rows]
+    return "configuration keys (key=value after the options; default, meaning):\n" + "\n".join(lines) + \
+        f"\n\nexample:\n  {EXAMPLES[command]}"
+
+
 def cmd_knn(args: argparse.Namespace) -> None:
     """Image-level kNN classification with embeddings and FUNGI features."""
-    from hummingbird_fungi.config.schema import KnnConfig
     from hummingbird_fungi.eval.knn_run import format_table, run_knn
+    from hummingbird_fungi.fileio import check_no_overlap, check_output_file
 
-    results = run_knn(config_from_args(args, KnnConfig))
+    config = config_from_args(args, schema_of("knn"))
+    check_output_file(args.out, "--out")  # before the features are computed, not after
+    check_no_overlap({"--out": args.out}, {"data.root": config.data.root, "model.weights": config.model.weights})
+    results = run_knn(config)
     print(format_table(results["results"]))
     write_results(results, args.out)
 
@@ -89,28 +150,52 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per stage."""
     from hummingbird_fungi.cli.segment import add_segment_commands
 
-    parser = argparse.ArgumentParser(prog="hbfungi", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hbfungi", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"hbfungi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (func, help_text) in COMMANDS.items():
-        child = sub.add_parser(name, help=help_text, description=help_text)
+        child = sub.add_parser(name, help=help_text, description=help_text, epilog=key_help(name),
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_args(child)
         child.set_defaults(func=func)
     add_segment_commands(sub)
+    listing = sub.add_parser("configs", help="list the shipped presets", description="List the shipped presets.")
+    listing.set_defaults(func=cmd_configs)
+    config = sub.add_parser("config", help="show a preset merged with overrides",
+                            description="Show a configuration: a preset (or YAML file) merged with overrides, "
+                                        "validated, every key with its description.")
+    actions = config.add_subparsers(dest="action", required=True)
+    show = actions.add_parser("show", help="print the merged, validated configuration",
+                              description="Print the merged, validated configuration, one key a line.")
+    show.add_argument("name", help="preset name or YAML file")
+    show.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    show.add_argument("--command", dest="command_name", choices=("hbird", "knn"),
+                      help="whose schema (default: knn for presets with a knn section)")
+    show.set_defaults(func=cmd_config_show)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hbfungi` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         args.func(args)
     except (ConfigError, DataError, BankMismatchError) as exc:
+        close_progress_bars()
         print(f"hbfungi: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def close_progress_bars() -> None:
+    """End any progress bar left open by an error, so the message starts on its own line."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(tqdm._instances):  # noqa: SLF001 - tqdm keeps its open bars there
+            bar.close()
 
 
 if __name__ == "__main__":

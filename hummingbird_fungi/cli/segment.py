@@ -16,7 +16,10 @@ from hummingbird_fungi.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-DEMO_BACKBONE = "vit_tiny_patch16_224"
+OUTPUT_NAMES = ("masks", "overlays", "summary.json", "grid.png", "per_class_iou.png", "miou_vs_memory.png")
+
+DEMO_PRETRAINED = "dinov2_vits14"  # used by the demo when its hub weights are already cached
+DEMO_BACKBONE = "vit_tiny_patch16_224"  # else a random tiny ViT
 DEMO_BACKBONE_KWARGS = {"patch_size": 8, "depth": 4}
 DEMO_LONG_SIDE = 224
 DEMO_SWEEP = (64, 16, 4)  # memory sizes of the demo's sweep, as divisors of the full bank
@@ -34,7 +37,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="patch features: plain embeddings or FUNGI (default embeddings)")
     parser.add_argument("--feature-option", action="append", metavar="KEY=VALUE",
                         help="FUNGI option, e.g. negatives=support (repeatable)")
-    parser.add_argument("--input-size", help="network input WxH, multiples of the patch (default: long side 448, "
+    parser.add_argument("--input-size", help="network input HxW (height first), multiples of the patch "
+                                             "(default: long side 448, "
                                              "the examples' aspect)")
     parser.add_argument("--k", type=int, default=30, help="neighbours per patch (default 30)")
     parser.add_argument("--temperature", type=float, default=0.02, help="softmax temperature (default 0.02)")
@@ -61,7 +65,7 @@ def segmenter_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _size(text: str) -> tuple[int, int]:
-    """--input-size WxH (or an int) -> (H, W), with a ConfigError naming the flag."""
+    """--input-size HxW (or an int) -> (H, W), with a ConfigError naming the flag."""
     try:
         return parse_size(int(text) if text.isdigit() else text)
     except ValueError as error:
@@ -93,7 +97,7 @@ def build_segmenter(args: argparse.Namespace, examples: Path | None, memory: Pat
             temperature=options["temperature"], backend=options["backend"], device=options["device"],
             input_size=options["input_size"])
         return segmenter, []
-    return segmenter_from_folder(examples, **options, **label_space_flags(args))
+    return segmenter_from_folder(examples, args.examples_split, **options, **label_space_flags(args))
 
 
 def finish(summary: dict[str, Any], out: Path) -> None:
@@ -106,21 +110,66 @@ def finish(summary: dict[str, Any], out: Path) -> None:
         print(f"skipped {failure['file']}: {failure['error']}")
     print(f"{summary['segment']['num_segmented']}/{summary['segment']['num_images']} images segmented -> "
           f"{out / 'masks'}, {out / 'overlays'}; grid {out / 'grid.png'}; summary {out / 'summary.json'}")
+    if summary["segment"]["num_segmented"] == 0:
+        raise DataError(f"none of the {summary['segment']['num_images']} images of {summary['images']} could be "
+                        f"segmented (see the skipped files above and {out / 'summary.json'})")
+
+
+def check_paths(args: argparse.Namespace, examples: Path | None, memory: Path | None, images: str | Path,
+                files: Sequence[Path], ground_truth: Path | None, out: Path) -> None:
+    """Before any model loads: inputs exist, --out and --save-memory can be written, and no output is, lies
+    inside or contains an input (examples, images, ground truth, bank, weights; symlinks resolved)."""
+    from hummingbird_fungi.fileio import check_input, check_no_overlap, check_output_dir, check_output_file
+    from hummingbird_fungi.memory.bank import partial_path, read_manifest
+
+    check_output_dir(out, "--out")
+    for name in OUTPUT_NAMES:  # a summary.json that is a folder would only fail at the end
+        (check_output_file if Path(name).suffix else check_output_dir)(out / name, "--out")
+    for folder in (out / "masks", out / "overlays"):
+        if folder.is_symlink():
+            raise ConfigError(f"--out {out}: {folder} is a symbolic link; outputs are never written through a "
+                              f"link, remove it or choose another --out")
+    check_input(examples, "--examples")
+    check_input(ground_truth, "--ground-truth")
+    check_input(args.weights, "--weights", "file")
+    if memory is not None:
+        read_manifest(memory)
+    inputs = {"--examples": examples, "--memory": memory, "--ground-truth": ground_truth, "--weights": args.weights,
+              **({"--images": images} if Path(images).is_dir()
+                 else {f"--images ({file.name})": file for file in files})}
+    outputs = {f"--out {name}": out / name for name in OUTPUT_NAMES}
+    check_no_overlap(outputs, inputs)
+    save = args.save_memory
+    if save is None:
+        return
+    if Path(save).exists():
+        raise ConfigError(f"--save-memory {save} already exists; remove it or choose another path")
+    check_output_dir(save, "--save-memory")
+    check_no_overlap({"--save-memory": save, "--save-memory (unfinished)": partial_path(save)}, {**inputs, **outputs})
+    if out.resolve().is_relative_to(Path(save).resolve()):
+        raise ConfigError(f"--out {out} is or lies inside --save-memory {save}; choose two separate locations")
 
 
 def run_segment(args: argparse.Namespace, examples: Path | None, memory: Path | None, images: Path,
                 ground_truth: Path | None, out: Path, notes: Sequence[str] = (),
                 **overrides: Any) -> tuple[dict[str, Any], Any]:
     """Build or load the segmenter, segment the image folder; the summary and the segmenter."""
-    from hummingbird_fungi.segment.folders import segment_folder
+    from hummingbird_fungi.data.segmentation import IMAGE_EXTENSIONS
+    from hummingbird_fungi.segment.folders import list_images, masks_by_stem, segment_folder
 
     start = time.perf_counter()
+    listing = list_images(images)  # a bad --images or --ground-truth is reported before any model loads
+    if not listing[0]:
+        raise DataError(f"no images to segment in {images} (extensions {', '.join(IMAGE_EXTENSIONS)}); "
+                        f"{len(listing[2])} other files ignored")
+    masks_by_stem(ground_truth)
+    check_paths(args, examples, memory, images, listing[0], ground_truth, out)
     segmenter, failed_examples = build_segmenter(args, examples, memory, **overrides)
     if args.save_memory is not None:
         segmenter.save(args.save_memory)
     record = {"notes": list(notes), "examples": None if examples is None else str(examples),
               "memory": None if memory is None else str(memory), "failed_examples": failed_examples}
-    summary = segment_folder(segmenter, images, out, ground_truth, args.batch_size, args.grid_rows, record)
+    summary = segment_folder(segmenter, images, out, ground_truth, args.batch_size, args.grid_rows, record, listing)
     summary["timings"]["total_s"] = time.perf_counter() - start
     return summary, segmenter
 
@@ -152,21 +201,28 @@ def demo_sources(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """`hbfungi demo`: the segment path on the embedded scenes with a random ViT, or on what is given."""
+    from hummingbird_fungi.models.backbones import hub_weights_cached
+    from hummingbird_fungi.fileio import check_output_dir
     from hummingbird_fungi.segment.demo_data import write_demo_data
 
     sources = demo_sources(args)
     out: Path = args.out
     notes, overrides = [], {}
     if sources["examples"] is None:
+        check_output_dir(out, "--out")  # before the synthetic data is written into it
         dirs = write_demo_data(out / "data", seed=args.seed)
         examples, images, ground_truth = dirs["examples"], dirs["images"], dirs["ground_truth"]
-        notes.append(f"DATA IS SYNTHETIC: procedurally generated street-like scenes (hummingbird_fungi.segment.demo_data, "
+        notes.append(f"DATA IS SYNTHETIC: procedurally generated street-like scenes "
+                     f"(hummingbird_fungi.segment.demo_data, "
                      f"seed {args.seed}) under {out / 'data'}; not real photographs")
     else:
         examples, images, ground_truth = sources["examples"], sources["images"], args.ground_truth
         notes.append(f"data: examples {examples}, images {images}")
     args.weights = sources["weights"]
-    if sources["backbone"] is None:
+    if sources["backbone"] is None and hub_weights_cached(DEMO_PRETRAINED):
+        args.backbone = DEMO_PRETRAINED
+        notes.append(f"backbone: pretrained {DEMO_PRETRAINED} from the local hub cache (found without network)")
+    elif sources["backbone"] is None:
         args.backbone, args.random_init = DEMO_BACKBONE, True
         overrides.update(backbone_kwargs={**DEMO_BACKBONE_KWARGS, **overrides_to_dict(args.backbone_option)},
                          long_side=DEMO_LONG_SIDE)
@@ -181,7 +237,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     for note in notes:
         log.warning("%s", note)
     summary, segmenter = run_segment(args, examples, None, images, ground_truth, out, notes=notes, **overrides)
-    if "metrics" in summary:
+    if "metrics" in summary and summary["metrics"]["miou"] is not None:
         from hummingbird_fungi.segment.folders import sweep_and_plot
 
         build = {**overrides, "backbone": segmenter.backbone}
@@ -199,9 +255,13 @@ def add_segment_commands(subparsers: argparse._SubParsersAction) -> None:
     seg = subparsers.add_parser("segment", help="segment a folder of images from a few annotated examples",
                                 description="Segment every image of --images with a memory bank built from "
                                             "--examples (images/<stem>.*, masks/<stem>.png) or loaded from --memory.")
-    seg.add_argument("--examples", type=Path, help="folder with images/<stem>.* and masks/<stem>.png")
+    seg.add_argument("--examples", type=Path, help="folder with images/<stem>.* and masks/<stem>.png, or the "
+                                                   "folder-dataset layout images/<split>/ + annotations/<split>/; "
+                                                   "an optional dataset.yaml there names the classes and void id")
+    seg.add_argument("--examples-split", default="train", help="split of a folder-dataset examples layout")
     seg.add_argument("--memory", type=Path, help="a saved memory bank instead of --examples")
-    seg.add_argument("--images", type=Path, required=True, help="folder of images to segment")
+    seg.add_argument("--images", required=True, help="images to segment: a folder, one file, or a quoted glob "
+                                                       "such as 'photos/*.jpg'")
     seg.add_argument("--out", type=Path, required=True, help="output folder")
     seg.add_argument("--ground-truth", type=Path, help="folder of <stem>.png masks of --images: adds metrics")
     seg.add_argument("--save-memory", type=Path, help="also save the memory bank here (reuse with --memory)")
@@ -217,8 +277,9 @@ def add_segment_commands(subparsers: argparse._SubParsersAction) -> None:
                                              "(also HBFUNGI_EXAMPLES, HBFUNGI_IMAGES, HBFUNGI_BACKBONE, "
                                              "HBFUNGI_WEIGHTS). Writes masks, overlays, plots and summary.json.")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
-    demo.add_argument("--examples", type=Path, help="folder with images/ and masks/ (default: synthetic)")
-    demo.add_argument("--images", type=Path, help="folder of images to segment (default: synthetic)")
+    demo.add_argument("--examples", type=Path, help="examples folder as for segment (default: synthetic)")
+    demo.add_argument("--examples-split", default="train", help="split of a folder-dataset examples layout")
+    demo.add_argument("--images", help="images to segment: folder, file or glob (default: synthetic)")
     demo.add_argument("--ground-truth", type=Path, help="masks of --images, for metrics")
     add_model_args(demo)
     demo.set_defaults(func=cmd_demo, num_classes=None, ignore_index=None, class_names=None, save_memory=None)

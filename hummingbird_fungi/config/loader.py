@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,11 +57,39 @@ def overrides_to_dict(overrides: list[str] | None) -> dict:
     return out
 
 
+PRESETS = Path(__file__).resolve().parents[1] / "configs"  # shipped inside the package
+
+
+def presets() -> dict[str, Path]:
+    """The shipped presets by name (file stem)."""
+    return {path.stem: path for path in sorted(PRESETS.glob("*.yaml"))}
+
+
+def preset_description(path: Path) -> str:
+    """The first comment line of a preset file (what it is for)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def resolve_preset(name: str | Path) -> Path:
+    """A preset file: an existing path, else a shipped preset by name (with or without .yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = presets().get(path.name.removesuffix(".yaml")) if path.parent == Path(".") else None
+    if shipped is not None:
+        return shipped
+    close = difflib.get_close_matches(path.stem, list(presets()), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ConfigError(f"config {name} is neither a file nor a shipped preset{hint}; "
+                      f"`hbfungi configs` lists the presets")
+
+
 def read_preset(path: str | Path) -> dict:
-    """The mapping of a YAML preset file, with errors naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    """The mapping of a YAML preset (a file or a shipped preset's name), with errors naming the file."""
+    path = resolve_preset(path)
     try:
         preset = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -22,15 +22,15 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def parse_size(value: Any) -> tuple[int, int]:
-    """An input size as (H, W): an int (square), [H, W], or a 'WxH' string."""
+    """An input size as (H, W), height first everywhere: an int (square), [H, W], or an 'HxW' string."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value, value
-    if isinstance(value, str) and "x" in value.lower():
-        width, height = value.lower().split("x", 1)
+    if isinstance(value, str) and value.lower().count("x") == 1:
+        height, width = value.lower().split("x")
         return int(height), int(width)
     if isinstance(value, (list, tuple)) and len(value) == 2:
         return value[0], value[1]
-    raise ValueError("expected an int, [H, W] or 'WxH'")
+    raise ValueError("expected an int, [H, W] or 'HxW' (height first)")
 
 
 def check_device(value: str) -> str | None:
@@ -50,7 +50,14 @@ class ModelOptions(Section):
     weights: str | None = option(None, doc="local checkpoint (timm or FAIR layout); null: hub weights")
     pretrained: bool = option(True, doc="false: random initialisation (smoke tests)")
     input_size: tuple[int, int] = option((512, 512), parse=parse_size, check=positive,
-                                         doc="network input (H, W); an int for square; multiples of the patch")
+                                         doc="network input, height first: [H, W], 'HxW' or an int (square)")
+
+
+def check_subset(value: int | float) -> str | None:
+    """A check for a subset size: a count (an integer >= 1) or a fraction (a number strictly between 0 and 1)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if value >= 1 else "a count must be >= 1"
+    return None if 0 < value < 1 else "a fraction must be in (0, 1); give a count as an integer"
 
 
 @dataclass
@@ -58,13 +65,14 @@ class SplitOptions(Section):
     """The two splits of a dataset (memory or kNN train rows, and evaluation) and how they are loaded."""
 
     key = "data"
-    root: str | None = option(None, doc="dataset root folder")
+    root: str | None = option(None, doc="dataset root: a folder, an uncompressed .tar, or 'x.tar!/folder'")
     train_split: str = option("train", doc="split of the memory bank (kNN: of the train rows)")
     eval_split: str = option("val", doc="split that is segmented or classified and scored")
-    max_train_images: int | None = option(None, check=at_least(1),
-                                          doc="a seeded random subset of this many train images")
-    max_eval_images: int | None = option(None, check=at_least(1),
-                                         doc="a seeded random subset of this many evaluation images")
+    subset: int | float | None = option(None, check=check_subset,
+                                        doc="seeded subset of the train split: a count >= 1 or a fraction in (0, 1)")
+    eval_subset: int | float | None = option(None, check=check_subset,
+                                             doc="seeded subset of the evaluation split: a count or a fraction")
+    subset_seed: int | None = option(None, check=at_least(0), doc="seed of both subsets; null: the run's seed")
     batch_size: int = option(4, check=at_least(1), doc="images per batch")
     num_workers: int = option(2, check=at_least(0), doc="data-loading worker processes")
 
@@ -73,7 +81,8 @@ class SplitOptions(Section):
 class DataOptions(SplitOptions):
     """A segmentation dataset's memory (train) and evaluation splits."""
 
-    kind: Literal["voc", "ade20k", "folder"] = option("voc", doc="dataset layout")
+    kind: Literal["voc", "ade20k", "folder", "cityscapes", "coco_stuff", "coco_things", "coco_stuff171"] = option(
+        "voc", doc="dataset layout and label space")
     train_split: str = option("trainaug", doc="split that fills the memory bank")
     train_file_set: str | None = option(None, doc="file with the ids of the memory images")
     eval_file_set: str | None = option(None, doc="file with the ids of the evaluation images")

@@ -48,6 +48,11 @@ class ClassificationData:
             image = Image.fromarray(image)
         return image.convert("RGB"), int(self.targets[index])
 
+    @property
+    def ids(self) -> list[str]:
+        """Item ids for seeded subsets: the relative file paths when known for every item, else the positions."""
+        return list(self.files) if len(self.files) == len(self) else [str(i) for i in range(len(self))]
+
     def subset(self, indices: np.ndarray) -> "ClassificationData":
         """The items at `indices`, in that order."""
         indices = np.asarray(indices, dtype=np.int64)

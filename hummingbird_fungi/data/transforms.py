@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 
+from hummingbird_fungi.data.archives import DataPath, as_path
 from hummingbird_fungi.errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,10 +41,10 @@ def normalization(name: str) -> tuple[Stats, Stats]:
     return _NORMALIZATIONS[name]
 
 
-def _open_loaded(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file, raising DataError naming the path on any failure."""
+def _open_loaded(path: str | Path | DataPath) -> Image.Image:
+    """Open and fully decode an image file (or archive member), raising DataError naming the path on any failure."""
     try:
-        with Image.open(path) as image:
+        with as_path(path).open("rb") as stream, Image.open(stream) as image:
             image.load()
             return ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -56,7 +57,7 @@ def _sixteen_to_eight_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(values / 257.0).astype(np.uint8), mode="L")
 
 
-def read_image(path: str | Path) -> Image.Image:
+def read_image(path: str | Path | DataPath) -> Image.Image:
     """An RGB PIL image with EXIF orientation applied; 16-bit, alpha, palette and CMYK inputs converted."""
     return to_rgb(_open_loaded(path), f"image {path}")
 
@@ -73,10 +74,11 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
         raise DataError(f"cannot convert {name} (mode {image.mode}) to RGB: {err}") from err
 
 
-def _read_mat_mask(path: Path) -> np.ndarray:
+def _read_mat_mask(path: DataPath) -> np.ndarray:
     """Class ids of an SBD annotation (`GTcls.Segmentation` of a .mat file)."""
     try:
-        mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+        with path.open("rb") as stream:
+            mat = scipy.io.loadmat(stream, squeeze_me=True, struct_as_record=False)
         segmentation = mat["GTcls"].Segmentation
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
         raise DataError(f"cannot read SBD mask {path} (expected GTcls.Segmentation): {err}") from err
@@ -86,13 +88,13 @@ def _read_mat_mask(path: Path) -> np.ndarray:
     return mask.astype(np.int64)
 
 
-def read_mask(path: str | Path) -> np.ndarray:
+def read_mask(path: str | Path | DataPath) -> np.ndarray:
     """(h, w) int64 raw class ids of a label file, never colour-converted (palette masks give indices)."""
-    path = Path(path)
+    path = as_path(path)
     if path.suffix.lower() == ".mat":
         return _read_mat_mask(path)
     try:
-        with Image.open(path) as image:
+        with path.open("rb") as stream, Image.open(stream) as image:
             image.load()
             mode = image.mode
             mask = np.array(image)
@@ -173,7 +175,8 @@ class EvalTransform:
 
 
 class TrainTransform:
-    """The memory-bank train transform: random colour jitter, ToTensor, Normalize, paired random-resized-crop; all randomness from `rng`."""
+    """The memory-bank train transform: random colour jitter, ToTensor, Normalize, paired random-resized-crop;
+    all randomness from `rng`."""
 
     def __init__(self, size: tuple[int, int], normalize: str = "reference", jitter: bool = True, crop: bool = True,
                  crop_scale: tuple[float, float] = (0.5, 2.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)):

@@ -30,14 +30,17 @@ from hummingbird_fungi.config.schema import (
     check_device,
     parse_size,
 )
+from hummingbird_fungi.data.archives import TarPath, as_path
 from hummingbird_fungi.data.segmentation import SegmentationDataset, build_dataset, collate
+from hummingbird_fungi.data.subsets import subset_seed
 from hummingbird_fungi.data.transforms import EvalTransform, TrainTransform
 from hummingbird_fungi.distributed import rank_and_world
-from hummingbird_fungi.errors import ConfigError
+from hummingbird_fungi.errors import ConfigError, worker_errors_unwrapped
 from hummingbird_fungi.eval.metrics import ConfusionMatrix, summarize
 from hummingbird_fungi.features import EmbeddingFeatures, PatchFeatures, build_patch_features
-from hummingbird_fungi.memory.bank import MemoryBank
-from hummingbird_fungi.memory.build import BankSpec, build_memory_bank
+from hummingbird_fungi.fileio import check_input, check_no_overlap, check_output_dir, check_output_file
+from hummingbird_fungi.memory.bank import MemoryBank, partial_path, read_manifest
+from hummingbird_fungi.memory.build import BankSpec, bank_manifest, build_memory_bank
 from hummingbird_fungi.models.encoders import Encoder
 from hummingbird_fungi.models.factory import create_encoder
 from hummingbird_fungi.retrieval.indexes import check_index_options
@@ -48,7 +51,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GRID = 32  # patches per side when no input size is given (the reference's 1,024 patches)
 # open-hummingbird-eval dataset names -> (our dataset kind, memory split, evaluation split)
-OHE_DATASETS = {"voc": ("voc", "trainaug", "val"), "ade20k": ("ade20k", "training", "validation")}
+OHE_DATASETS = {"voc": ("voc", "trainaug", "val"), "ade20k": ("ade20k", "training", "validation"),
+                "cityscapes": ("cityscapes", "train", "val"), "coco-stuff": ("coco_stuff", "train", "val"),
+                "coco-thing": ("coco_things", "train", "val")}
 # open-hummingbird-eval ScaNN parameter names -> ours
 OHE_SCANN_PARAMS = {"num_reordering_candidates": "reorder", "anisotropic_quantization_threshold": "aq_threshold",
                     "dimensions_per_block": "dims_per_block"}
@@ -58,7 +63,7 @@ OHE_SCANN_PARAMS = {"num_reordering_candidates": "reorder", "anisotropic_quantiz
 
 
 def input_size_for(encoder: Encoder, size: Any) -> tuple[int, int]:
-    """(H, W) from an int, [H, W] or 'WxH' (default: 32 x 32 patches), checked against the patch size."""
+    """(H, W) from an int, [H, W] or 'HxW' (default: 32 x 32 patches), checked against the patch size."""
     height, width = (DEFAULT_GRID * encoder.patch_size,) * 2 if size is None else parse_size(size)
     encoder.grid_size(height, width)
     return int(height), int(width)
@@ -99,20 +104,25 @@ def build_memory(encoder: Encoder, train_set: SegmentationDataset, *, input_size
                  features: FeatureOptions, memory: MemoryOptions, data: DataOptions, device: torch.device,
                  seed: int, timings: dict[str, float] | None = None,
                  manifest_extra: dict | None = None) -> tuple[MemoryBank, PatchFeatures]:
-    """The memory bank of `train_set` (loaded from memory.path when it exists, else built, and saved there)."""
+    """The memory bank of `train_set` (loaded from memory.path when it exists, else built, and saved there).
+
+    A saved bank is reused only if it records this very recipe (features, data and file list, sampling,
+    seed, epochs, size, ...); otherwise BankMismatchError names the keys that differ.
+    """
     torch.manual_seed(seed)
     train_set = train_set.with_transform(memory_transform(input_size, data.normalize, memory), seed=seed)
     extractor = make_extractor(encoder, features, train_set, memory, data, device, seed, timings)
-    path = memory.path
+    path, spec = memory.path, bank_spec(memory, train_set, seed)
     if path is not None and Path(path).exists():
+        recipe = bank_manifest(train_set, extractor, spec, manifest_extra)
+        recipe.pop("model", None)  # how to reopen the model; what it computes is in features, input_size, spec
         with timed(timings, "load_memory_s"):
-            bank = MemoryBank.load(path, expect_features=extractor.manifest())
+            bank = MemoryBank.load(path, expect_features=extractor.manifest(), expect_build=recipe)
         log.info("loaded memory bank %s (%d rows, built from %s)", path, bank.count, bank.manifest.get("dataset"))
         return bank, extractor
     with timed(timings, "build_memory_s"):
-        bank = build_memory_bank(train_set, extractor, bank_spec(memory, train_set, seed), path=path,
-                                 manifest_extra=manifest_extra, batch_size=data.batch_size,
-                                 num_workers=data.num_workers, device=device)
+        bank = build_memory_bank(train_set, extractor, spec, path=path, manifest_extra=manifest_extra,
+                                 batch_size=data.batch_size, num_workers=data.num_workers, device=device)
     return bank, extractor
 
 
@@ -123,9 +133,15 @@ def make_transfer(bank: MemoryBank, retrieval: RetrievalOptions, transfer: Trans
 
 
 def metric_summary(cm: ConfusionMatrix, class_names: Sequence[str], ignore_index: int | None) -> dict:
-    """mIoU (both modes) and per-class IoU of `cm`, leaving out an ignore index that is a class id (ADE20K's 0)."""
+    """mIoU (both modes) and per-class IoU of `cm`, leaving out an ignore index that is a class id (ADE20K's 0);
+    None for every metric when no pixel was scored."""
     exclude = ignore_index if ignore_index is not None and ignore_index < len(class_names) else None
-    return summarize(cm, class_names, exclude=exclude)
+    summary = summarize(cm, class_names, exclude=exclude)
+    if int(cm.matrix.sum()) == 0:
+        log.warning("no ground-truth pixel was scored (all void or outside the label space): metrics are n/a")
+        summary.update(miou=None, miou_reference=None, pixel_accuracy=None, reference_relabelled={},
+                       per_class_iou_reference={name: None for name in class_names})
+    return summary
 
 
 def evaluate_bank(extractor: PatchFeatures, bank: MemoryBank, eval_set: SegmentationDataset, *,
@@ -137,7 +153,8 @@ def evaluate_bank(extractor: PatchFeatures, bank: MemoryBank, eval_set: Segmenta
     eval_set = eval_set.with_transform(EvalTransform(input_size, normalize=data.normalize),
                                        keep_original_mask=original)
     if list(input_size) != bank.manifest["input_size"]:
-        log.warning("evaluating at input size %s with a bank built at %s", list(input_size), bank.manifest["input_size"])
+        log.warning("evaluating at input size %s with a bank built at %s", list(input_size),
+                    bank.manifest["input_size"])
     info = eval_set.info
     if info.num_classes != bank.num_classes:
         raise ConfigError(f"eval dataset {info.name} has {info.num_classes} classes but the memory bank "
@@ -150,13 +167,15 @@ def evaluate_bank(extractor: PatchFeatures, bank: MemoryBank, eval_set: Segmenta
                                          collate_fn=collate)
     cm = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
     grid = extractor.encoder.grid_size(*input_size)
-    with timed(timings, "evaluate_s"):
-        for batch in tqdm(loader, desc="evaluate", unit="batch", disable=rank != 0):
+    with timed(timings, "evaluate_s"), worker_errors_unwrapped(), \
+            tqdm(total=len(loader), desc="evaluate", unit="batch", disable=rank != 0) as progress:
+        for batch in loader:
             targets = batch["original_mask"] if original else list(batch["mask"])
             preds = predict_masks(label_transfer, extractor(batch["image"].to(device)), grid,
                                   [tuple(t.shape) for t in targets], transfer.class_chunk)
             for pred, target in zip(preds, targets):
                 cm.update(pred, target)
+            progress.update()
     cm.all_reduce()
     summary = metric_summary(cm, info.class_names, info.ignore_index)
     summary["num_eval_images"] = len(eval_set)
@@ -173,13 +192,16 @@ def bank_summary(bank: MemoryBank) -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    """Library versions for results files."""
-    import faiss
-    import timm
-    import torchvision
-    return {"hummingbird_fungi": __version__, "torch": torch.__version__, "timm": timm.__version__,
-            "torchvision": torchvision.__version__, "faiss": faiss.__version__,
-            "python": platform.python_version()}
+    """Library versions for results files (faiss and ScaNN when installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu-cu12", "scann"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return {"hummingbird_fungi": __version__, **found, "python": platform.python_version()}
 
 
 # --------------------------------------------------------------------------- the typed entry point
@@ -195,7 +217,7 @@ def evaluate(encoder: Any, train_data: SegmentationDataset, eval_data: Segmentat
 
     The memory bank is filled from `train_data` and `eval_data` is segmented and scored; both are
     segmentation datasets (`build_dataset`), transforms are set here. `input_size` is (H, W), an
-    int or 'WxH' (default 32 x 32 patches). Returns the metric summary (`miou`, `miou_reference`,
+    int or 'HxW' (default 32 x 32 patches). Returns the metric summary (`miou`, `miou_reference`,
     `per_class_iou`, ...) with the bank's size (`memory`), the feature manifest and `timings`.
     """
     memory, features = memory or MemoryOptions(), features or FeatureOptions()
@@ -235,8 +257,9 @@ def hbird_evaluation(model: Any, d_model: int, patch_size: int, dataset_name: st
 
     Returns the mIoU in the public code's mode (Hungarian matching, mean over all classes:
     `miou_reference`), or (mIoU, details) with `return_knn_details`, details being the full
-    results of `evaluate` (including the standard `miou`). `dataset_name` is 'voc', 'ade20k', or
-    a folder dataset given as 'folder' (splits `train`/`val`). `nn_method` 'scann' falls back to
+    results of `evaluate` (including the standard `miou`). `dataset_name` is 'voc', 'ade20k',
+    'cityscapes', 'coco-stuff', 'coco-thing' or any dataset kind (splits `train`/`val`), optionally
+    with '*<fraction>' for a seeded fraction of the memory split. `nn_method` 'scann' falls back to
     exact search when ScaNN is not installed. Keywords of `evaluate` (features=, transfer=,
     normalize=, seed=, ...) and `train_split=`/`eval_split=` pass through.
     """
@@ -245,9 +268,11 @@ def hbird_evaluation(model: Any, d_model: int, patch_size: int, dataset_name: st
     if (encoder.patch_size, encoder.embed_dim) != (patch_size, d_model):
         raise ConfigError(f"the model has patch size {encoder.patch_size} and dimension {encoder.embed_dim}, "
                           f"not patch_size={patch_size}, d_model={d_model}")
-    kind, train_split, eval_split = OHE_DATASETS.get(dataset_name, (dataset_name, "train", "val"))
+    name, _, fraction = dataset_name.partition("*")
+    kind, train_split, eval_split = OHE_DATASETS.get(name, (name, "train", "val"))
     train_split, eval_split = options.pop("train_split", train_split), options.pop("eval_split", eval_split)
-    train_data = build_dataset(kind, data_dir, train_split, file_set=train_fs_path)
+    train_data = build_dataset(kind, data_dir, train_split, file_set=train_fs_path).subset(
+        float(fraction) if fraction else None, options.get("seed", 0))
     eval_data = build_dataset(kind, data_dir, eval_split, file_set=val_fs_path)
     if ignore_index != 255 and ignore_index != eval_data.info.ignore_index:
         eval_data.info = dataclasses.replace(eval_data.info, ignore_index=ignore_index)
@@ -274,13 +299,14 @@ def _ohe_backend(nn_method: str) -> str:
 
 
 def config_dataset(config: HbirdConfig, which: str) -> SegmentationDataset:
-    """The memory ('train') or evaluation ('eval') dataset of `config.data` (a seeded subset when limited)."""
+    """The memory ('train') or evaluation ('eval') dataset of `config.data`, with its seeded subset when set."""
     data = config.data
     if data.root is None:
         raise ConfigError("data.root is not set; pass data.root=DIR")
     dataset = build_dataset(data.kind, data.root, getattr(data, f"{which}_split"),
                             file_set=getattr(data, f"{which}_file_set"))
-    return dataset.subset(getattr(data, f"max_{which}_images"), config.seed)
+    size = data.subset if which == "train" else data.eval_subset
+    return dataset.subset(size, subset_seed(data.subset_seed, config.seed))
 
 
 def config_encoder(config: HbirdConfig, device: torch.device) -> Encoder:
@@ -292,16 +318,47 @@ def config_encoder(config: HbirdConfig, device: torch.device) -> Encoder:
     return load_backbone(model.name, weights=model.weights, pretrained=model.pretrained, device=device)
 
 
+def config_manifest(config: HbirdConfig) -> dict:
+    """What a bank built from `config` records besides its features: the data and the model it came from
+    (a bank from `hbfungi build-memory` reopens with `segment --memory` without naming the weights again)."""
+    return {"data": data_manifest(config), "model": {**config.model.to_dict(), "normalize": config.data.normalize,
+                                                         "seed": config.seed}}
+
+
 def data_manifest(config: HbirdConfig) -> dict:
     """What in `data` defines the memory images (recorded in the bank manifest)."""
     data = config.data
-    return {"kind": data.kind, "root": str(data.root), "split": data.train_split, "file_set": data.train_file_set,
-            "max_images": data.max_train_images, "normalize": data.normalize, "augment": config.memory.augment}
+    return {"kind": data.kind, "root": str(Path(data.root).resolve()), "split": data.train_split,
+            "file_set": data.train_file_set,
+            "subset": data.subset, "subset_seed": subset_seed(data.subset_seed, config.seed),
+            "normalize": data.normalize, "augment": config.memory.augment}
 
 
-def run_hbird(config: HbirdConfig) -> dict:
-    """`hbfungi hbird`: the evaluation the config describes, with the config and versions recorded."""
+def check_run_paths(config: HbirdConfig, out: str | Path | None) -> None:
+    """Before any model loads: inputs exist, the results file `out` and a bank to build can be written,
+    and no output is, lies inside or contains an input (data root, file sets, weights, an existing bank)."""
+    data, bank = config.data, config.memory.path
+    root = None if data.root is None else as_path(data.root)
+    archive = root.archive if isinstance(root, TarPath) else None  # a root in a tar: the archive is the input
+    check_input(archive or data.root, "data.root", "file" if archive else "dir")
+    inputs = {"data.root": archive or data.root, "data.train_file_set": data.train_file_set,
+              "data.eval_file_set": data.eval_file_set, "model.weights": config.model.weights}
+    for key in ("data.train_file_set", "data.eval_file_set", "model.weights"):
+        check_input(inputs[key], key, "file")
+    check_output_file(out, "--out")
+    check_no_overlap({"--out": out}, {**inputs, "memory.path": bank})
+    if bank is not None and Path(bank).exists():
+        read_manifest(bank)  # a damaged or unfinished bank is named before any model loads
+    elif bank is not None:
+        check_output_dir(bank, "memory.path")
+        check_no_overlap({"memory.path": bank, "memory.path (unfinished build)": partial_path(bank)}, inputs)
+
+
+def run_hbird(config: HbirdConfig, out: str | Path | None = None) -> dict:
+    """`hbfungi hbird`: the evaluation the config describes, with the config and versions recorded
+    (`out`, the results file the caller writes, is checked with the other paths before any work)."""
     check_index_options(config.retrieval.backend, config.retrieval.options)
+    check_run_paths(config, out)
     train, evaluation = config_dataset(config, "train"), config_dataset(config, "eval")
     data = config.data
     results = evaluate(config_encoder(config, resolve_device(config.device)), train, evaluation,
@@ -309,17 +366,18 @@ def run_hbird(config: HbirdConfig) -> dict:
                        retrieval=config.retrieval, transfer=config.transfer, normalize=data.normalize,
                        eval_resolution=data.eval_resolution, batch_size=data.batch_size,
                        num_workers=data.num_workers, device=config.device, seed=config.seed,
-                       manifest_extra={"data": data_manifest(config)})
+                       manifest_extra=config_manifest(config))
     return {**results, "config": config.to_dict(), "versions": versions()}
 
 
-def run_build_memory(config: HbirdConfig) -> dict:
-    """`hbfungi build-memory`: build the bank at memory.path and return a small report."""
+def run_build_memory(config: HbirdConfig, out: str | Path | None = None) -> dict:
+    """`hbfungi build-memory`: build the bank at memory.path and return a small report (`out` checked first)."""
     path = config.memory.path
     if path is None:
         raise ConfigError("memory.path is not set; pass memory.path=DIR to save the bank")
     if Path(path).exists():
         raise ConfigError(f"memory.path {path} already exists; remove it or choose another path")
+    check_run_paths(config, out)
     train = config_dataset(config, "train")
     device = resolve_device(config.device)
     timings: dict[str, float] = {}
@@ -328,14 +386,14 @@ def run_build_memory(config: HbirdConfig) -> dict:
     size = input_size_for(encoder, config.model.input_size)
     bank, extractor = build_memory(encoder, train, input_size=size, features=config.features, memory=config.memory,
                                    data=config.data, device=device, seed=config.seed, timings=timings,
-                                   manifest_extra={"data": data_manifest(config)})
+                                   manifest_extra=config_manifest(config))
     return {"memory": bank_summary(bank), "features": extractor.manifest(), "path": path,
             "config": config.to_dict(), "timings": timings, "versions": versions()}
 
 
-def run_evaluate(config: HbirdConfig) -> dict:
-    """`hbfungi evaluate`: evaluate with the existing bank at memory.path."""
+def run_evaluate(config: HbirdConfig, out: str | Path | None = None) -> dict:
+    """`hbfungi evaluate`: evaluate with the existing bank at memory.path (refused unless it records this config)."""
     path = config.memory.path
     if path is None or not Path(path).exists():
         raise ConfigError(f"memory.path {path!r} does not hold a memory bank; run build-memory first")
-    return run_hbird(config)
+    return run_hbird(config, out)

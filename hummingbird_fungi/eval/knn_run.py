@@ -186,14 +186,14 @@ def encode_negatives(extractor: ImageFungi, objective: SimCLRObjective, train: C
 
 
 def load_split(config: KnnConfig, which: str) -> ClassificationData:
-    """The train or eval split of `data`, a seeded random subset when max_<which>_images is set."""
-    from hummingbird_fungi.data.subsets import random_subset
+    """The train or eval split of `data`, with its seeded subset (data.subset / data.eval_subset) when set."""
+    from hummingbird_fungi.data.subsets import random_subset, subset_seed
 
     data = config.data
     split = load_classification(data.kind, data.root, getattr(data, f"{which}_split"))
-    limit = getattr(data, f"max_{which}_images")
-    if limit is not None and limit < len(split):
-        split = split.subset(random_subset(len(split), limit, config.seed))
+    size = data.subset if which == "train" else data.eval_subset
+    if size is not None:
+        split = split.subset(random_subset(split.ids, size, subset_seed(data.subset_seed, config.seed)))
     return split
 
 
@@ -284,6 +284,10 @@ def _throughput(stats: dict[str, Any]) -> dict[str, Any]:
     return {**stats, "images": images, "seconds": seconds, "images_per_second": images / seconds if images else None}
 
 
+LEGEND = ("each cell: top-1 accuracy / mean per-class accuracy (%); columns: train rows used (full set or "
+          "N shots per class, first or random) and the vote (uniform or weighted)")
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A text table: one line per feature combination, 'top-1 / mean per-class' (%) per setting."""
     def setting(row: dict[str, Any]) -> str:
@@ -296,7 +300,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
              for r in rows}
     width = max(len(f) for f in features + ["features"])
     columns = [max(len(s), 15) for s in settings]
-    lines = [" | ".join(["features".ljust(width)] + [s.ljust(w) for s, w in zip(settings, columns)])]
+    lines = [LEGEND, " | ".join(["features".ljust(width)] + [s.ljust(w) for s, w in zip(settings, columns)])]
     lines.append("-+-".join(["-" * width] + ["-" * w for w in columns]))
     for feature in features:
         lines.append(" | ".join([feature.ljust(width)] + [cells.get((feature, s), "-").ljust(w)

@@ -1,4 +1,5 @@
-"""Image-level FUNGI (docs/protocol.md#image-fungi-and-knn): projected per-image gradients of the KL, DINO and SimCLR objectives.
+"""Image-level FUNGI (docs/protocol.md#image-fungi-and-knn): projected per-image gradients of the KL,
+DINO and SimCLR objectives.
 
 For each image, views are made (KL: the eval view; DINO: global + local random crops;
 SimCLR: a grid of overlapping crops), embedded (the backbone's pooled embedding, the CLS
@@ -12,8 +13,9 @@ other images of its batch.
 
 Choices where the reference implementations disagree (docs/protocol.md#deviations-and-switches):
 * KL temperature 15 (paper jobs; fungivision's default is 1), latent 768, target exactly uniform.
-* SimCLR temperature on the whole similarity matrix (the FUNGI image code; fungivision and the FUNGI segmentation code put it
-  on the positive term only: `tau_placement="positive"`), 256 negative images (the FUNGI image code; fungivision 64).
+* SimCLR temperature on the whole similarity matrix (the FUNGI image code; fungivision and the FUNGI
+  segmentation code put it on the positive term only: `tau_placement="positive"`), 256 negative
+  images (the FUNGI image code; fungivision 64).
 * DINO teacher: the same backbone forward, detached, with its own random head (fungivision; equal to
   the FUNGI image code's second copy of the same frozen backbone).
 * Projection scaling 1/sqrt(out_dim) (the FUNGI image code; fungivision's 1/sqrt(E(E+1)) only rescales, and the L2
@@ -85,7 +87,8 @@ def random_crops(image: Image.Image, size: int, count: int, scale: tuple[float, 
 
 
 def patchify(image: Image.Image, size: int, num_patches: int, stride_scale: float) -> Tensor:
-    """The FUNGI image code's SimCLR views: resize to size^2, windows of size/sqrt(num_patches), stride int(window/stride_scale),
+    """The FUNGI image code's SimCLR views: resize to size^2, windows of size/sqrt(num_patches),
+    stride int(window/stride_scale),
     each resized back to size -> (n^2, 3, S, S)."""
     window = int(size / math.sqrt(num_patches))
     stride = max(1, int(window / stride_scale))

@@ -1,4 +1,5 @@
-"""Patch-level FUNGI features (docs/protocol.md#patch-fungi): last-layer token + random projection of its own loss gradient.
+"""Patch-level FUNGI features (docs/protocol.md#patch-fungi): last-layer token + random projection of its
+own loss gradient.
 
 Per image: a seeded, never-trained head fc (E -> head_dim) maps all last-layer tokens
 (prefix tokens included, as in the reference: CLS and any register tokens act as positives

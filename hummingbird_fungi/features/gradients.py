@@ -77,7 +77,8 @@ def forward_with_capture(forward: Callable[[Tensor], Tensor], layer: nn.Linear, 
 
 
 def random_head(in_dim: int, out_dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A never-trained head: weight (out, in), bias (out) ~ U(-1/sqrt(in), 1/sqrt(in)) (PyTorch's default law), seeded."""
+    """A never-trained head: weight (out, in), bias (out) ~ U(-1/sqrt(in), 1/sqrt(in)) (PyTorch's default
+    law), seeded."""
     generator = torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(in_dim)
     weight = (torch.rand(out_dim, in_dim, generator=generator) * 2 - 1) * bound

@@ -6,34 +6,47 @@ On disk a bank is a directory::
     <bank>/shards/<s>.features.npy       (rows, D) float16/float32, unit rows
     <bank>/shards/<s>.labels.npy         (rows, C) float16/float32 class histograms
 
-`BankWriter` writes into `<bank>.partial/`; every shard goes to a temporary name and is renamed,
-so a killed build resumes at the first missing shard, and the directory becomes `<bank>` only
-when `seal` has checked every shard.
+`BankWriter` writes into `<bank>.partial/` while holding a lock on `<bank>.lock`; every file goes
+to a temporary name and is renamed, and a shard counts as finished once its record
+`shards/<s>.json` (rows, and a digest of the files it was built from) is written last. A killed
+build resumes with every finished shard whose files pass their checks and whose source files are
+unchanged, and rebuilds the others; the directory becomes `<bank>` only when `seal` has verified
+every shard and moved the records into the manifest. Loading verifies each shard file against its
+header and the manifest, so a truncated file is named instead of failing inside numpy.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import numpy as np
 import torch
 
 from hummingbird_fungi.errors import BankMismatchError, DataError
-from hummingbird_fungi.fileio import save_npy_atomic, write_atomic
+from hummingbird_fungi.fileio import json_safe, make_dirs, remove_temp_files, save_npy_atomic, write_atomic
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+SEALED_KEYS = ("features", "input_size", "num_classes", "shards", "count")  # what a finished bank records
+FEATURE_KEYS = ("kind", "backbone", "options")
 
 
 def shard_files(bank_dir: Path, name: str) -> tuple[Path, Path]:
     """Feature and label files of the shard `name` ('00012') in a bank (or `.partial`) directory."""
     return bank_dir / "shards" / f"{name}.features.npy", bank_dir / "shards" / f"{name}.labels.npy"
+
+
+def shard_record(bank_dir: Path, name: str) -> Path:
+    """The record of a finished shard in a `.partial` build (written after its two files)."""
+    return bank_dir / "shards" / f"{name}.json"
 
 
 def partial_path(bank: str | Path) -> Path:
@@ -42,36 +55,106 @@ def partial_path(bank: str | Path) -> Path:
     return bank.with_name(bank.name + ".partial")
 
 
+def lock_path(bank: str | Path) -> Path:
+    """The lock file a build of `bank` holds: `<bank>.lock`."""
+    bank = Path(bank)
+    return bank.with_name(bank.name + ".lock")
+
+
 def shard_name(number: int) -> str:
     """The file-name stem of shard `number`."""
     return f"{number:05d}"
 
 
 def manifest_json(manifest: dict) -> bytes:
-    """Canonical JSON bytes of a manifest (sorted keys, so equal manifests give equal files)."""
-    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    """Canonical strict JSON bytes of a manifest (sorted keys, so equal manifests give equal files)."""
+    return (json.dumps(json_safe(manifest), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
-def read_manifest(path: Path) -> dict:
-    """Read `<bank>/manifest.json`, with an error naming the file."""
-    file = Path(path) / "manifest.json"
+def read_manifest(path: str | Path, sealed: bool = True) -> dict:
+    """Read `<bank>/manifest.json`, with errors naming the file; `sealed`: it must be a finished bank of this format."""
+    path = Path(path)
+    file = path / "manifest.json"
     if not file.is_file():
-        raise DataError(f"no memory bank at {path}: {file} is missing")
+        unfinished = partial_path(path)
+        hint = f" (an interrupted build is in {unfinished}: rerun it to finish)" if unfinished.is_dir() else ""
+        raise DataError(f"no memory bank at {path}: {file} is missing{hint}")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"corrupt memory bank manifest {file}: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise DataError(f"corrupt memory bank manifest {file}: not a JSON object")
+    if sealed:
+        _check_sealed(manifest, path, file)
+    return manifest
 
 
-def check_compatible(bank_features: dict, query_features: dict, where: str) -> None:
-    """Refuse a bank whose feature manifest differs from the query extractor's."""
-    keys = sorted(set(bank_features) | set(query_features))
-    diffs = [f"{k}: bank={bank_features.get(k)!r} query={query_features.get(k)!r}"
-             for k in keys if bank_features.get(k) != query_features.get(k)]
+def _check_sealed(manifest: dict, path: Path, file: Path) -> None:
+    """Refuse an unfinished build, another format version, or a manifest without what loading needs."""
+    if "build" in manifest or path.name.endswith(".partial"):
+        raise DataError(f"{path} is an unfinished memory-bank build, not a bank: rerun the build that wrote it "
+                        f"to finish it, then use {path.with_name(path.name.removesuffix('.partial'))}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"memory bank {path} has format {manifest.get('format_version')}, "
+                        f"this version reads {FORMAT_VERSION}")
+    features = manifest.get("features")
+    missing = [key for key in SEALED_KEYS if key not in manifest] + [
+        f"features.{key}" for key in FEATURE_KEYS if not isinstance(features, dict) or key not in features]
+    if not missing and not all(isinstance(s, dict) and "name" in s for s in manifest["shards"]):
+        missing = ["shards[].name"]
+    if missing:
+        raise DataError(f"memory bank manifest {file} lacks {', '.join(missing)}: damaged, or not written by "
+                        f"this toolkit")
+
+
+def manifest_differences(recorded: Any, expected: Any, key: str = "") -> list[str]:
+    """'key: bank=..., this run=...' for each dotted key whose value differs (mappings compared key by key)."""
+    if isinstance(recorded, dict) and isinstance(expected, dict):
+        return [diff for name in sorted(set(recorded) | set(expected))
+                for diff in manifest_differences(recorded.get(name), expected.get(name),
+                                                 f"{key}.{name}" if key else name)]
+    return [] if recorded == expected else [f"{key}: bank={recorded!r}, this run={expected!r}"]
+
+
+def check_compatible(recorded: dict, expected: dict, where: str, what: str = "features") -> None:
+    """Refuse a bank whose manifest differs from what this run expects (the keys of `expected`), naming each key."""
+    expected = json.loads(manifest_json(expected))
+    diffs = manifest_differences({key: recorded.get(key) for key in expected}, expected)
     if diffs:
         raise BankMismatchError(
-            f"memory bank {where} was built with different features; refusing to mix them:\n  "
-            + "\n  ".join(diffs))
+            f"memory bank {where} was built with different {what}; refusing to reuse it (remove it, choose "
+            f"another memory.path, or run with what it records):\n  " + "\n  ".join(diffs))
+
+
+def npy_shape(file: Path) -> tuple[int, ...]:
+    """Shape of a .npy file whose size matches its header; DataError naming a missing, truncated or foreign file."""
+    try:
+        with open(file, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(handle)
+            expected = handle.tell() + math.prod(shape) * dtype.itemsize
+            size = os.fstat(handle.fileno()).st_size
+    except FileNotFoundError as exc:
+        raise DataError(f"memory-bank file {file} is missing") from exc
+    except (OSError, ValueError) as exc:
+        raise DataError(f"memory-bank file {file} is truncated or not a .npy file: {exc}") from exc
+    if size != expected:
+        raise DataError(f"memory-bank file {file} is truncated or damaged: {size} bytes where its header "
+                        f"describes {expected}")
+    return shape
+
+
+def verify_shard(bank_dir: Path, name: str, rows: int | None = None) -> int:
+    """Check both files of shard `name` (sizes, shapes, equal row counts, `rows` if given); its row count."""
+    feat_file, label_file = shard_files(bank_dir, name)
+    feats, labels = npy_shape(feat_file), npy_shape(label_file)
+    if len(feats) != 2 or len(labels) != 2 or feats[0] != labels[0]:
+        raise DataError(f"memory-bank shard {feat_file} has shape {feats} but {label_file} has {labels}")
+    if rows is not None and feats[0] != rows:
+        raise DataError(f"memory-bank shard file {feat_file} holds {feats[0]} rows where its record says {rows}")
+    return int(feats[0])
 
 
 @dataclass
@@ -92,21 +175,22 @@ class MemoryBank:
         return cls([features], [labels], manifest)
 
     @classmethod
-    def load(cls, path: str | Path, mmap: bool = True, expect_features: dict | None = None) -> "MemoryBank":
-        """Open a saved bank (memory-mapped by default); refuse it if `expect_features` differ."""
+    def load(cls, path: str | Path, mmap: bool = True, expect_features: dict | None = None,
+             expect_build: dict | None = None) -> "MemoryBank":
+        """Open a saved bank (memory-mapped by default), every shard verified; refuse it (BankMismatchError) if
+        `expect_features` differ, or if what it records differs from the build manifest `expect_build`."""
         path = Path(path)
         manifest = read_manifest(path)
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"memory bank {path} has format {manifest.get('format_version')}, "
-                            f"this version reads {FORMAT_VERSION}")
         if expect_features is not None:
             check_compatible(manifest["features"], expect_features, str(path))
+        if expect_build is not None:
+            check_compatible(manifest, {k: v for k, v in expect_build.items() if k != "features"}, str(path),
+                             what="settings")
         mode = "r" if mmap else None
         feats, labels = [], []
         for shard in manifest["shards"]:
+            verify_shard(path, shard["name"], shard.get("rows"))
             for file, out in zip(shard_files(path, shard["name"]), (feats, labels)):
-                if not file.is_file():
-                    raise DataError(f"memory bank {path} is missing shard file {file}")
                 out.append(np.load(file, mmap_mode=mode))
         if not feats:
             raise DataError(f"memory bank {path} holds no rows")
@@ -116,14 +200,17 @@ class MemoryBank:
         """Write the bank in the on-disk format (sealed when complete); `extra` arrays go beside it as `<name>.npy`."""
         built = self.manifest.get("shards", [])
         writer = BankWriter(path, {k: v for k, v in self.manifest.items() if k not in ("shards", "count")})
-        shards = []
-        for number, (feats, labels) in enumerate(zip(self.feature_blocks, self.label_blocks)):
-            writer.write_shard(number, feats, labels)
-            origin = built[number] if len(built) == len(self.feature_blocks) else {}  # epoch and image range
-            shards.append({**origin, "name": shard_name(number)})
-        for name, array in (extra or {}).items():
-            writer.write_array(name, array)
-        return writer.seal(shards)
+        try:
+            shards = []
+            for number, (feats, labels) in enumerate(zip(self.feature_blocks, self.label_blocks)):
+                writer.write_shard(number, feats, labels)
+                origin = built[number] if len(built) == len(self.feature_blocks) else {}  # epoch and image range
+                shards.append({**origin, "name": shard_name(number)})
+            for name, array in (extra or {}).items():
+                writer.write_array(name, array)
+            return writer.seal(shards)
+        finally:
+            writer.close()
 
     @property
     def count(self) -> int:
@@ -188,53 +275,130 @@ class BankWriter:
     """Writes a bank into `<path>.partial/` shard by shard and seals it into `<path>` when complete.
 
     `build` is the manifest of the bank being built: an unfinished build with the same manifest
-    is resumed (its finished shards are kept), one with another manifest is refused.
+    is resumed (its finished, intact and up-to-date shards are kept), one with another manifest is
+    refused. The creating writer holds an exclusive lock on `<path>.lock` until `seal` or `close`,
+    so a second build of the same path waits for the first instead of writing over it.
     """
 
     def __init__(self, path: str | Path, build: dict[str, Any], resume: bool = True, create: bool = True) -> None:
         self.path = Path(path)
         self.partial = partial_path(self.path)
-        self.build = build
-        if self.path.exists():
-            raise DataError(f"memory bank {self.path} already exists; remove it or choose another path")
-        if create:
+        self.build = json.loads(manifest_json(build))
+        self._lock: IO | None = None
+        if not create:  # another rank creates the build and holds the lock
+            self._refuse_existing(waited=False)
+            return
+        waited = self._take_lock()
+        try:
+            self._refuse_existing(waited)
             self._open(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _refuse_existing(self, waited: bool) -> None:
+        """A finished bank is never written over."""
+        if self.path.exists():
+            raise DataError(f"memory bank {self.path} already exists"
+                            f"{' (another build finished it while this one waited)' if waited else ''}; "
+                            f"remove it or choose another path")
+
+    def _take_lock(self) -> bool:
+        """Lock `<bank>.lock`, waiting (with a log line) while another build holds it; whether it waited."""
+        file = lock_path(self.path)
+        make_dirs(file.parent)
+        try:
+            self._lock = open(file, "a")
+        except OSError as exc:
+            raise DataError(f"cannot open the lock file {file}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            log.warning("another build of %s holds %s; waiting for it to finish", self.path, file)
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+            log.info("lock %s acquired", file)
+            return True
+
+    def close(self) -> None:
+        """Release the lock (also done by `seal`); the writer writes nothing more."""
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
 
     def _open(self, resume: bool) -> None:
-        """Create `<bank>.partial/` or check that the unfinished build there is this one."""
+        """Create `<bank>.partial/`, or check that the unfinished build there is this one and clean it up."""
+        shards_dir = self.partial / "shards"
         if self.partial.exists():
-            old = read_manifest(self.partial)
-            previous = old.get("build") or {k: v for k, v in old.items() if k not in ("shards", "count")}
-            if not resume or previous != self.build:
+            old = read_manifest(self.partial, sealed=False)
+            if not resume or _recipe(old.get("build") or old) != _recipe(self.build):
                 raise DataError(f"{self.partial} holds a different unfinished build; remove it to start over")
             log.info("resuming the memory-bank build in %s", self.partial)
-        (self.partial / "shards").mkdir(parents=True, exist_ok=True)
+            removed = remove_temp_files(shards_dir) + remove_temp_files(self.partial)
+            if removed:
+                log.info("removed %d temporary files of the killed build: %s", len(removed),
+                         ", ".join(p.name for p in removed[:5]))
+            for shard in old.get("shards", []):  # killed while sealing: the records are in the final manifest
+                record = shard_record(self.partial, shard["name"])
+                if not record.exists():
+                    write_atomic(record, manifest_json({"rows": shard.get("rows"), "sources": shard.get("sources")}))
+        make_dirs(shards_dir)
         write_atomic(self.partial / "manifest.json", manifest_json({"build": self.build}))
 
-    def has_shard(self, number: int) -> bool:
-        """Whether shard `number` is complete on disk."""
-        return all(file.exists() for file in shard_files(self.partial, shard_name(number)))
+    def has_shard(self, number: int, sources: str | None = None) -> bool:
+        """Whether shard `number` is finished, its files intact and built from `sources` (else it is rebuilt)."""
+        name = shard_name(number)
+        record_file = shard_record(self.partial, name)
+        if not record_file.is_file():
+            return False
+        try:
+            record = json.loads(record_file.read_text())
+            verify_shard(self.partial, name, record["rows"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # DataError is a ValueError
+            log.warning("rebuilding shard %s: %s", name, exc)
+            return False
+        if record.get("sources") != sources:
+            log.warning("rebuilding shard %s: its images or masks changed since it was built (%s)", name, record_file)
+            return False
+        return True
 
-    def write_shard(self, number: int, features: np.ndarray, labels: np.ndarray) -> None:
-        """Write shard `number` (labels first: a shard is complete once its feature file exists)."""
-        feat_file, label_file = shard_files(self.partial, shard_name(number))
+    def write_shard(self, number: int, features: np.ndarray, labels: np.ndarray, sources: str | None = None) -> None:
+        """Write shard `number` and then its record (`sources`: a digest of the files it was built from)."""
+        name = shard_name(number)
+        feat_file, label_file = shard_files(self.partial, name)
+        shard_record(self.partial, name).unlink(missing_ok=True)  # unfinished until the record is back
         save_npy_atomic(label_file, np.asarray(labels))
         save_npy_atomic(feat_file, np.asarray(features))
+        write_atomic(shard_record(self.partial, name), manifest_json({"rows": len(features), "sources": sources}))
 
     def write_array(self, name: str, array: np.ndarray) -> None:
         """An extra array saved beside the bank as `<name>.npy` (e.g. a FUNGI support set)."""
         save_npy_atomic(self.partial / f"{name}.npy", np.asarray(array))
 
     def seal(self, shards: list[dict[str, Any]]) -> Path:
-        """Check every listed shard is on disk, write the final manifest, rename `.partial` to the bank."""
+        """Verify every listed shard, write the final manifest (with the shard records), rename `.partial` to
+        the bank."""
         for shard in shards:
-            feat_file, _ = shard_files(self.partial, shard["name"])
-            if not all(file.exists() for file in shard_files(self.partial, shard["name"])):
-                raise DataError(f"memory-bank shard {feat_file} is missing; rerun the build to resume it")
-            shard["rows"] = int(np.load(feat_file, mmap_mode="r").shape[0])
+            record_file = shard_record(self.partial, shard["name"])
+            if not record_file.is_file():
+                raise DataError(f"memory-bank shard {shard_files(self.partial, shard['name'])[0]} is unfinished; "
+                                f"rerun the build to resume it")
+            record = json.loads(record_file.read_text())
+            shard["rows"] = verify_shard(self.partial, shard["name"], record.get("rows"))
+            if record.get("sources") is not None:
+                shard["sources"] = record["sources"]
         manifest = {**self.build, "format_version": FORMAT_VERSION, "shards": shards,
                     "count": int(sum(s["rows"] for s in shards))}
         write_atomic(self.partial / "manifest.json", manifest_json(manifest))
+        for shard in shards:
+            shard_record(self.partial, shard["name"]).unlink()
         os.replace(self.partial, self.path)
+        self.close()
         log.info("memory bank written to %s (%d rows)", self.path, manifest["count"])
         return self.path
+
+
+def _recipe(manifest: dict) -> dict:
+    """A build manifest without what sealing adds (shards, count, format version)."""
+    return {k: v for k, v in manifest.items() if k not in ("shards", "count", "format_version")}

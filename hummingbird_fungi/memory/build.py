@@ -1,12 +1,18 @@
 """Fill a memory bank from a dataset and a patch feature extractor: sampled, sharded, resumable.
 
 Every random choice of an image depends only on (seed, epoch, image index), so a resumed or
-distributed build equals an uninterrupted one.
+distributed build equals an uninterrupted one. The manifest records the whole recipe (features,
+label space, the file list, sampling, seed, epochs, ...) so that a saved bank is only reused for
+the configuration that built it, and each shard records the sizes and modification times of its
+images and masks, so a resumed build rebuilds the shards whose files changed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from hummingbird_fungi.distributed import barrier, rank_and_world
-from hummingbird_fungi.errors import ConfigError, DataError
+from hummingbird_fungi.errors import ConfigError, DataError, worker_errors_unwrapped
 from hummingbird_fungi.features.base import PatchFeatures
 from hummingbird_fungi.memory.bank import FORMAT_VERSION, BankWriter, MemoryBank, shard_name
 from hummingbird_fungi.memory.labels import patches_per_image, patchify_labels, sample_patches, soft_labels
@@ -50,6 +56,58 @@ def _shard_plan(num_images: int, spec: BankSpec) -> list[tuple[int, int, int]]:
         for start in range(0, num_images, spec.shard_images):
             plan.append((epoch, start, min(start + spec.shard_images, num_images)))
     return plan
+
+
+def _digest(entries: list) -> str:
+    """SHA-256 of a JSON list."""
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def file_list_digest(dataset) -> str | None:
+    """Digest of the names of the image and mask files of `dataset`, in order (None without a sample list)."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return None
+    return _digest([[getattr(file, "name", str(file)) for file in sample] for sample in samples])
+
+
+def shard_sources(dataset, start: int, end: int) -> str | None:
+    """Digest of (file, size, modification time) of the images and masks of samples [start, end)."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        return None
+    entries = []
+    for sample in samples[start:end]:
+        for file in sample:
+            try:
+                stat = os.stat(file) if isinstance(file, (str, os.PathLike)) else None
+            except OSError:
+                stat = None
+            entries.append([str(file), stat and stat.st_size, stat and stat.st_mtime_ns])
+    return _digest(entries)
+
+
+def bank_manifest(dataset, extractor: PatchFeatures, spec: BankSpec, manifest_extra: dict | None = None) -> dict:
+    """What a bank of `dataset`, `extractor` and `spec` records: the recipe a saved bank must match to be reused."""
+    if len(dataset) == 0:
+        raise DataError("cannot build a memory bank from an empty dataset")
+    height, width = dataset[0]["image"].shape[-2:]
+    grid = extractor.encoder.grid_size(height, width)
+    return {
+        "format_version": FORMAT_VERSION,
+        "features": extractor.manifest(),
+        "input_size": [int(height), int(width)],
+        "grid": list(grid),
+        "num_classes": dataset.info.num_classes,
+        "class_names": list(dataset.info.class_names),
+        "ignore_index": dataset.info.ignore_index,
+        "dataset": dataset.info.name,
+        "num_images": len(dataset),
+        "files": file_list_digest(dataset),
+        "patches_per_image": patches_per_image(spec.memory_size, len(dataset), spec.epochs, grid[0] * grid[1]),
+        "spec": spec.as_dict(),
+        **(manifest_extra or {}),
+    }
 
 
 def _extract_shard(dataset, extractor: PatchFeatures, spec: BankSpec, epoch: int, start: int, end: int,
@@ -95,60 +153,50 @@ def build_memory_bank(dataset, extractor: PatchFeatures, spec: BankSpec, path: s
     (and `distributed`) each rank extracts every world-th shard and rank 0 seals the bank.
     """
     device = torch.device(device)
-    if len(dataset) == 0:
-        raise DataError("cannot build a memory bank from an empty dataset")
-    height, width = dataset[0]["image"].shape[-2:]
-    grid = extractor.encoder.grid_size(height, width)
-    num_patches = grid[0] * grid[1]
-    n_img = patches_per_image(spec.memory_size, len(dataset), spec.epochs, num_patches)
+    manifest = bank_manifest(dataset, extractor, spec, manifest_extra)
+    n_img = manifest["patches_per_image"]
     plan = _shard_plan(len(dataset), spec)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "features": extractor.manifest(),
-        "input_size": [int(height), int(width)],
-        "grid": list(grid),
-        "num_classes": dataset.info.num_classes,
-        "class_names": list(dataset.info.class_names),
-        "ignore_index": dataset.info.ignore_index,
-        "dataset": dataset.info.name,
-        "num_images": len(dataset),
-        "patches_per_image": n_img,
-        "spec": spec.as_dict(),
-        **(manifest_extra or {}),
-    }
     rank, world = rank_and_world() if distributed else (0, 1)
     if world > 1 and path is None:
         raise ConfigError("a distributed build needs memory.path: ranks exchange shards through it")
     writer = None if path is None else BankWriter(path, manifest, resume, create=rank == 0)
-    barrier()
-
-    feats, labels = [], []
-    mine = [n for n in range(len(plan)) if n % world == rank]
-    progress = tqdm(total=sum(plan[n][2] - plan[n][1] for n in mine), desc="memory bank", unit="img",
-                    disable=rank != 0)
-    for number in mine:
-        epoch, start, end = plan[number]
-        if writer is not None and writer.has_shard(number):
-            progress.update(end - start)
-            continue
-        shard_feats, shard_labels = _extract_shard(dataset, extractor, spec, epoch, start, end, n_img,
-                                                   batch_size, num_workers, device, progress)
+    try:
+        barrier()
+        feats, labels, labelled, kept = [], [], 0, 0
+        mine = [n for n in range(len(plan)) if n % world == rank]
+        with tqdm(total=sum(plan[n][2] - plan[n][1] for n in mine), desc="memory bank", unit="img",
+                  disable=rank != 0) as progress, worker_errors_unwrapped():
+            for number in mine:
+                epoch, start, end = plan[number]
+                sources = None if writer is None else shard_sources(dataset, start, end)
+                if writer is not None and writer.has_shard(number, sources):
+                    progress.update(end - start)
+                    kept += 1
+                    continue
+                shard_feats, shard_labels = _extract_shard(dataset, extractor, spec, epoch, start, end, n_img,
+                                                           batch_size, num_workers, device, progress)
+                labelled += int((shard_labels.astype(np.float32).sum(1) > 0).sum())
+                if writer is None:
+                    feats.append(shard_feats)
+                    labels.append(shard_labels)
+                else:
+                    writer.write_shard(number, shard_feats, shard_labels, sources)
+        if world == 1 and not kept and not labelled:
+            raise DataError(f"every sampled patch of the {len(dataset)} memory images of {dataset.info.name} is void "
+                            f"(ignore id {dataset.info.ignore_index}): the bank would hold no labels")
+        shards = [{"name": shard_name(n), "epoch": epoch, "images": [start, end]}
+                  for n, (epoch, start, end) in enumerate(plan)]
         if writer is None:
-            feats.append(shard_feats)
-            labels.append(shard_labels)
-        else:
-            writer.write_shard(number, shard_feats, shard_labels)
-    progress.close()
-    shards = [{"name": shard_name(n), "epoch": epoch, "images": [start, end]}
-              for n, (epoch, start, end) in enumerate(plan)]
-    if writer is None:
-        for shard, block in zip(shards, feats):
-            shard["rows"] = len(block)
-        return MemoryBank(feats, labels, {**manifest, "shards": shards, "count": int(sum(len(f) for f in feats))})
-    barrier()
-    if rank == 0:
-        writer.seal(shards)
-    barrier()
+            for shard, block in zip(shards, feats):
+                shard["rows"] = len(block)
+            return MemoryBank(feats, labels, {**manifest, "shards": shards, "count": int(sum(len(f) for f in feats))})
+        barrier()
+        if rank == 0:
+            writer.seal(shards)
+        barrier()
+    finally:
+        if writer is not None:
+            writer.close()
     return MemoryBank.load(path)
 
 

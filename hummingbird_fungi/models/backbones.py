@@ -134,6 +134,12 @@ def _create_from_hub(timm_name: str, **model_kwargs: Any) -> tuple[VisionTransfo
         raise ConfigError(f"could not download pretrained weights for {hub_name} ({error}); {advice}") from error
 
 
+def hub_weights_cached(name: str) -> bool:
+    """Whether the hub weights of a named backbone are already on this machine (no network is used)."""
+    cfg = get_pretrained_cfg(resolve_name(name))
+    return cfg is not None and _cached_hub_file(cfg) is not None
+
+
 def _cached_hub_file(cfg: Any) -> str | None:
     """Path of already-downloaded weights for a timm pretrained cfg (HF cache or torch hub cache), if any."""
     if cfg.hf_hub_id:

@@ -65,8 +65,13 @@ def mark_missing(scores: np.ndarray, ids: np.ndarray) -> tuple[Tensor, Tensor]:
 
 
 def import_faiss() -> Any:
-    """The faiss module (faiss-cpu is a core dependency; faiss-gpu-cu12 adds GPU search)."""
-    import faiss
+    """The faiss module, from the `faiss` (CPU) or `gpu` extra; a ConfigError saying how to get it otherwise."""
+    try:
+        import faiss
+    except ImportError as error:
+        raise ConfigError("the faiss backends need faiss: pip install 'hummingbird-fungi[faiss]' (CPU) or "
+                          "'hummingbird-fungi[gpu]' (CUDA 12), not both; retrieval.backend=torch needs neither"
+                          ) from error
     return faiss
 
 
@@ -396,7 +401,8 @@ class ScannIndex(Index):
 
     Blocks are collected and the searcher is built (float32, all rows concatenated) at the first
     search after the last add. `dims_per_block` is passed to `score_ah` as its only block-size
-    argument, so it takes effect (open-hummingbird-eval 2.x passed 2 positionally, which silently overrode its keyword). `num_leaves` is clamped to the number of rows and `num_leaves_to_search` to
+    argument, so it takes effect (open-hummingbird-eval 2.x passed 2 positionally, which silently
+    overrode its keyword). `num_leaves` is clamped to the number of rows and `num_leaves_to_search` to
     `num_leaves`; `training_sample_size=None` trains the tree on all rows. At least k candidates
     are re-ordered.
     """

@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
+
+from hummingbird_fungi.fileio import make_dirs, save_image, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,19 @@ class Scene:
 def _noise(rng: np.random.Generator, shape: tuple[int, int], scale: int) -> np.ndarray:
     """Smooth noise in [-1, 1]: random values on a coarse grid, bilinearly upsampled -> (h, w)."""
     coarse = rng.uniform(-1, 1, size=(max(2, shape[0] // scale), max(2, shape[1] // scale))).astype(np.float32)
-    return cv2.resize(coarse, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    return np.asarray(Image.fromarray(coarse, mode="F").resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
+
+
+def _shapes(shape: tuple[int, int], draw: Callable[[ImageDraw.ImageDraw], None]) -> np.ndarray:
+    """The pixels (h, w) bool covered by what `draw` fills (PIL polygons, rectangles, ellipses) in colour 1."""
+    canvas = Image.new("L", (shape[1], shape[0]), 0)
+    draw(ImageDraw.Draw(canvas))
+    return np.asarray(canvas) > 0
+
+
+def _disc(cx: int, cy: int, radius: int) -> list[int]:
+    """The bounding box of a filled circle, for ImageDraw.ellipse."""
+    return [cx - radius, cy - radius, cx + radius, cy + radius]
 
 
 def _paint(image: np.ndarray, mask: np.ndarray, region: np.ndarray, colour: np.ndarray, label: int) -> None:
@@ -92,14 +106,13 @@ def _ground(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, horiz
     far, near = int(rng.integers(width // 40, width // 12)), int(rng.integers(width // 3, width // 2))
     poly = np.array([[centre - far, horizon], [centre + far, horizon],
                      [centre + near, height], [centre - near, height]], np.int32)
-    road = np.zeros_like(mask, dtype=np.uint8)
-    cv2.fillPoly(road, [poly], 1)
+    road = _shapes(mask.shape, lambda d: d.polygon([tuple(int(v) for v in p) for p in poly], fill=1))
     grey = np.full((height, width, 3), 85, np.float32) + _noise(rng, (height, width), 2)[..., None] * 6
     for y in range(horizon + 4, height, 18):
         y1 = min(y + 8, height)
         half = max(1, (y - horizon) // 30)
         grey[y:y1, centre - half:centre + half + 1] = 235
-    _paint(image, mask, road.astype(bool), grey, ROAD)
+    _paint(image, mask, road, grey, ROAD)
     return centre, near
 
 
@@ -116,14 +129,17 @@ def _cars(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, horizon
         body = rng.choice([[200, 30, 30], [230, 120, 20], [180, 30, 160]]).astype(np.float32)
         paint = np.zeros((height, width, 3), np.float32)
         paint[:] = body
-        region = np.zeros((height, width), np.uint8)
-        cv2.rectangle(region, (x, y - h // 2), (x + w, y), 1, -1)
-        cv2.rectangle(region, (x + w // 5, y - h), (x + 4 * w // 5, y - h // 2), 1, -1)
         paint[max(y - h + 2, 0):max(y - h // 2, 0), max(x + w // 4, 0):max(x + 3 * w // 4, 0)] = (170, 190, 200)
-        for cx in (x + w // 5, x + 4 * w // 5):
-            cv2.circle(region, (cx, y), max(2, h // 5), 1, -1)
-            cv2.circle(paint, (cx, y), max(2, h // 5), (15, 15, 15), -1)
-        _paint(image, mask, region.astype(bool), paint, CAR)
+        wheels = [_disc(cx, y, max(2, h // 5)) for cx in (x + w // 5, x + 4 * w // 5)]
+        paint[_shapes(mask.shape, lambda d: [d.ellipse(box, fill=1) for box in wheels])] = (15, 15, 15)
+
+        def car(d: ImageDraw.ImageDraw) -> None:
+            d.rectangle([x, y - h // 2, x + w, y], fill=1)
+            d.rectangle([x + w // 5, y - h, x + 4 * w // 5, y - h // 2], fill=1)
+            for box in wheels:
+                d.ellipse(box, fill=1)
+
+        _paint(image, mask, _shapes(mask.shape, car), paint, CAR)
 
 
 def _sign(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, horizon: int) -> None:
@@ -135,11 +151,10 @@ def _sign(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, horizon
     cx = int(rng.choice([rng.integers(radius, width // 4), rng.integers(3 * width // 4, width - radius)]))
     cy = int(rng.integers(max(radius, horizon - 2 * radius), min(height - radius, horizon + radius)))
     paint = np.zeros((height, width, 3), np.float32)
-    cv2.circle(paint, (cx, cy), radius, (20, 20, 20), -1)
-    cv2.circle(paint, (cx, cy), int(radius * 0.75), (250, 210, 0), -1)
-    region = np.zeros((height, width), np.uint8)
-    cv2.circle(region, (cx, cy), radius, 1, -1)
-    _paint(image, mask, region.astype(bool), paint, SIGN)
+    region = _shapes(mask.shape, lambda d: d.ellipse(_disc(cx, cy, radius), fill=1))
+    paint[region] = (20, 20, 20)
+    paint[_shapes(mask.shape, lambda d: d.ellipse(_disc(cx, cy, int(radius * 0.75)), fill=1))] = (250, 210, 0)
+    _paint(image, mask, region, paint, SIGN)
 
 
 def make_scene(seed: int, size: tuple[int, int] = (240, 320)) -> Scene:
@@ -172,15 +187,15 @@ def write_demo_data(root: str | Path, num_examples: int = 8, num_queries: int = 
     root = Path(root)
     dirs = {"examples": root / "examples", "images": root / "images", "ground_truth": root / "ground_truth"}
     for sub in (dirs["examples"] / "images", dirs["examples"] / "masks", dirs["images"], dirs["ground_truth"]):
-        sub.mkdir(parents=True, exist_ok=True)
-    (dirs["examples"] / "dataset.yaml").write_text(
-        f"name: demo_scenes\nnum_classes: {len(CLASS_NAMES)}\nclasses: [{', '.join(CLASS_NAMES)}]\n")
+        make_dirs(sub)
+    write_atomic(dirs["examples"] / "dataset.yaml",
+                 f"name: demo_scenes\nnum_classes: {len(CLASS_NAMES)}\nclasses: [{', '.join(CLASS_NAMES)}]\n".encode())
     for i, scene in enumerate(make_scenes(num_examples, seed)):
-        Image.fromarray(scene.image).save(dirs["examples"] / "images" / f"example_{i:02d}.png")
-        Image.fromarray(scene.mask).save(dirs["examples"] / "masks" / f"example_{i:02d}.png")
+        save_image(dirs["examples"] / "images" / f"example_{i:02d}.png", Image.fromarray(scene.image))
+        save_image(dirs["examples"] / "masks" / f"example_{i:02d}.png", Image.fromarray(scene.mask))
     for i, scene in enumerate(make_scenes(num_queries, seed + 1)):
-        Image.fromarray(scene.image).save(dirs["images"] / f"scene_{i:02d}.jpg", quality=92)
-        Image.fromarray(scene.mask).save(dirs["ground_truth"] / f"scene_{i:02d}.png")
+        save_image(dirs["images"] / f"scene_{i:02d}.jpg", Image.fromarray(scene.image), "JPEG", quality=92)
+        save_image(dirs["ground_truth"] / f"scene_{i:02d}.png", Image.fromarray(scene.mask))
     log.info("wrote %d synthetic examples and %d synthetic query scenes (seed %d) under %s",
              num_examples, num_queries, seed, root)
     return dirs

@@ -5,8 +5,11 @@ the tools call these.
 
 from __future__ import annotations
 
+import glob
 import logging
+import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,12 +18,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from hummingbird_fungi.data.segmentation import IMAGE_EXTENSIONS, read_folder_info
+from hummingbird_fungi.data.segmentation import IMAGE_EXTENSIONS
 from hummingbird_fungi.errors import DataError
 from hummingbird_fungi.eval.metrics import ConfusionMatrix, pixel_accuracy
 from hummingbird_fungi.segment.segmenter import InContextSegmenter
 from hummingbird_fungi.data.transforms import read_image, read_mask
-from hummingbird_fungi.segment.visualize import overlay, overlay_grid, plot_miou_vs_memory, plot_per_class_iou
+from hummingbird_fungi.fileio import make_dirs, save_image
+from hummingbird_fungi.segment.visualize import (mask_image, overlay_grid, overlay_with_legend, plot_miou_vs_memory,
+                                                 plot_per_class_iou)
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +35,26 @@ Failure = dict[str, str]
 # --------------------------------------------------------------------------- folders
 
 
-def list_images(folder: str | Path) -> tuple[list[Path], list[Failure], list[str]]:
-    """(image files sorted by name, duplicate-stem failures, names of non-image files) of a folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"image folder {folder} does not exist or is not a directory")
+def candidate_files(source: str | Path) -> list[Path]:
+    """The files a folder holds, one file, or the files a glob pattern matches, sorted; DataError if none."""
+    path = Path(source)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if path.is_file():
+        return [path]
+    if glob.has_magic(str(source)):
+        matches = sorted(Path(p) for p in glob.glob(str(source)) if Path(p).is_file())
+        if matches:
+            return matches
+        raise DataError(f"no file matches the pattern {source}")
+    raise DataError(f"{source} is neither a folder, nor a file, nor a glob pattern (e.g. 'photos/*.jpg')")
+
+
+def list_images(source: str | Path) -> tuple[list[Path], list[Failure], list[str]]:
+    """(image files sorted by name, duplicate-stem failures, names of non-image files) of a folder, a file
+    or a glob pattern."""
     files, failed, ignored, stems = [], [], [], {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
-            continue
+    for path in candidate_files(source):
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             ignored.append(path.name)
         elif path.stem in stems:
@@ -48,7 +64,7 @@ def list_images(folder: str | Path) -> tuple[list[Path], list[Failure], list[str
             stems[path.stem] = path.name
             files.append(path)
     if ignored:
-        log.info("ignoring %d files without an image extension in %s: %s", len(ignored), folder, ignored[:5])
+        log.info("ignoring %d files without an image extension in %s: %s", len(ignored), source, ignored[:5])
     return files, failed, ignored
 
 
@@ -62,17 +78,29 @@ def masks_by_stem(folder: str | Path | None) -> dict[str, Path] | None:
     return {p.stem: p for p in sorted(folder.glob("*.png"))}
 
 
-def example_pairs(folder: str | Path) -> tuple[list[Path], list[Path], list[Failure]]:
-    """Readable (image, mask) pairs of `<folder>/images/*` and `<folder>/masks/<stem>.png`; failures named."""
+def example_dirs(folder: str | Path, split: str = "train") -> tuple[Path, Path]:
+    """(image folder, mask folder) of an examples folder: `images/` + `masks/`, or the folder-dataset layout
+    `images/<split>/` + `annotations/<split>/`."""
     folder = Path(folder)
-    files, failed, _ = list_images(folder / "images")
-    masks = masks_by_stem(folder / "masks")
+    if (folder / "masks").is_dir():
+        return folder / "images", folder / "masks"
+    if (folder / "annotations" / split).is_dir():
+        return folder / "images" / split, folder / "annotations" / split
+    raise DataError(f"examples folder {folder} has neither masks/ (with images/) nor annotations/{split}/ "
+                    f"(with images/{split}/)")
+
+
+def example_pairs(folder: str | Path, split: str = "train") -> tuple[list[Path], list[Path], list[Failure]]:
+    """Readable (image, mask) pairs of an examples folder (see `example_dirs`); failures named."""
+    image_dir, mask_dir = example_dirs(folder, split)
+    files, failed, _ = list_images(image_dir)
+    masks = masks_by_stem(mask_dir)
     images, labels = [], []
     for path in files:
         mask = masks.get(path.stem)
         try:
             if mask is None:
-                raise DataError(f"example {path} has no mask {folder / 'masks' / (path.stem + '.png')}")
+                raise DataError(f"example {path} has no mask {mask_dir / (path.stem + '.png')}")
             read_image(path)
             read_mask(mask)
         except DataError as exc:
@@ -82,21 +110,22 @@ def example_pairs(folder: str | Path) -> tuple[list[Path], list[Path], list[Fail
         images.append(path)
         labels.append(mask)
     if not images:
-        raise DataError(f"no readable example pairs in {folder} (expected images/<stem>.* and masks/<stem>.png)")
+        raise DataError(f"no readable example pairs in {image_dir} and {mask_dir}")
     return images, labels, failed
 
 
-def write_mask(path: Path, mask: np.ndarray) -> None:
-    """Single-channel PNG of class ids (8-bit, or 16-bit for uint16 masks)."""
-    Image.fromarray(mask).save(path)
+def write_mask(path: Path, mask: np.ndarray, colours: np.ndarray) -> None:
+    """Palette PNG of class ids (ids unchanged, shown in `colours`; 16-bit grey beyond 256 classes), atomically."""
+    save_image(path, mask_image(mask, colours))
 
 
 # --------------------------------------------------------------------------- segmenting a folder
 
 
-def score_image(segmenter: InContextSegmenter, pred: np.ndarray, gt_path: Path,
-                total: ConfusionMatrix) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Add one prediction to the running confusion matrix: (its pixel accuracy or the problem, the gt)."""
+def score_image(segmenter: InContextSegmenter, pred: np.ndarray, gt_path: Path, total: ConfusionMatrix,
+                unscored: Counter) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Add one prediction to the running confusion matrix and its ground-truth ids outside the label space
+    to `unscored`: (its pixel accuracy, None when all void, or the problem; the gt)."""
     try:
         gt = read_mask(gt_path)
     except DataError as exc:
@@ -106,10 +135,12 @@ def score_image(segmenter: InContextSegmenter, pred: np.ndarray, gt_path: Path,
         problem = f"ground truth {gt_path} is {gt.shape[1]}x{gt.shape[0]}, the image {pred.shape[1]}x{pred.shape[0]}"
         log.warning("no metrics for %s: %s", gt_path.stem, problem)
         return {"ground_truth_error": problem}, None
+    unscored += segmenter.unscored_ids(gt)
     cm = segmenter.confusion_matrix()
     cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(gt))
     total.merge(cm)
-    return {"ground_truth": str(gt_path), "pixel_accuracy": pixel_accuracy(cm.matrix)}, gt
+    accuracy = pixel_accuracy(cm.matrix)
+    return {"ground_truth": str(gt_path), "pixel_accuracy": None if math.isnan(accuracy) else accuracy}, gt
 
 
 def segment_files(segmenter: InContextSegmenter, files: Sequence[Path], out: str | Path,
@@ -122,9 +153,10 @@ def segment_files(segmenter: InContextSegmenter, files: Sequence[Path], out: str
     the result holds the metrics and `<out>/per_class_iou.png` is drawn.
     """
     out = Path(out)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    make_dirs(out / "masks")
+    make_dirs(out / "overlays")
     total = segmenter.confusion_matrix() if ground_truth is not None else None
+    unscored: Counter = Counter()
     records: list[dict[str, Any]] = []
     failed: list[Failure] = []
     rows: list[dict[str, Any]] = []
@@ -141,13 +173,14 @@ def segment_files(segmenter: InContextSegmenter, files: Sequence[Path], out: str
                     failed.append({"file": str(path), "error": str(exc)})
             preds = segmenter.predict_batch([image for _, image in loaded], batch_size) if loaded else []
             for (path, image), pred in zip(loaded, preds):
-                write_mask(out / "masks" / f"{path.stem}.png", pred)
-                Image.fromarray(overlay(image, pred, segmenter.num_classes)).save(out / "overlays" / f"{path.stem}.png")
+                write_mask(out / "masks" / f"{path.stem}.png", pred, segmenter.colours)
+                save_image(out / "overlays" / f"{path.stem}.png", Image.fromarray(
+                    overlay_with_legend(image, pred, segmenter.class_names, segmenter.colours)))
                 record: dict[str, Any] = {"file": str(path), "mask": f"masks/{path.stem}.png",
                                           "overlay": f"overlays/{path.stem}.png", "size": list(pred.shape)}
                 gt = None
                 if ground_truth is not None and path.stem in ground_truth:
-                    scores, gt = score_image(segmenter, pred, ground_truth[path.stem], total)
+                    scores, gt = score_image(segmenter, pred, ground_truth[path.stem], total, unscored)
                     record.update(scores)
                 if path in shown:
                     accuracy = record.get("pixel_accuracy")
@@ -160,12 +193,16 @@ def segment_files(segmenter: InContextSegmenter, files: Sequence[Path], out: str
                               "failed": failed, "seconds": seconds,
                               "images_per_s": len(records) / max(seconds, 1e-9)}
     if rows:
-        result["grid"] = str(overlay_grid(rows, out / "grid.png", segmenter.class_names).relative_to(out))
-    if total is not None and int(total.matrix.sum()) > 0:
-        result["metrics"] = segmenter.metrics(total)
-        plot_per_class_iou(result["metrics"]["per_class_iou"], out / "per_class_iou.png",
-                           title=f"per-class IoU (mIoU {100 * result['metrics']['miou']:.1f}%)")
-        result["per_class_plot"] = "per_class_iou.png"
+        overlay_grid(rows, out / "grid.png", class_names=segmenter.class_names, colours=segmenter.colours)
+        result["grid"] = "grid.png"
+    if total is not None and any("ground_truth" in record for record in records):
+        segmenter.warn_unscored(unscored, f"the ground truth of {len(records)} images")
+        result["unscored_ground_truth_pixels"] = {str(i): n for i, n in sorted(unscored.items())}
+        result["metrics"] = segmenter.metrics(total)  # every metric None when all ground truth is void
+        if result["metrics"]["miou"] is not None:
+            plot_per_class_iou(result["metrics"]["per_class_iou"], out / "per_class_iou.png",
+                               title=f"per-class IoU (mIoU {100 * result['metrics']['miou']:.1f}%)")
+            result["per_class_plot"] = "per_class_iou.png"
     if failed:
         log.warning("%d of %d images could not be segmented: %s", len(failed), len(files),
                     ", ".join(Path(f["file"]).name for f in failed))
@@ -200,32 +237,31 @@ def sweep_and_plot(build: Callable[[int | None], InContextSegmenter], summary: d
 # --------------------------------------------------------------------------- examples and whole runs
 
 
-def folder_label_space(folder: Path) -> dict[str, Any]:
-    """num_classes / ignore_index / class_names from `<folder>/dataset.yaml` (empty when there is none)."""
-    if not (folder / "dataset.yaml").is_file():
-        return {}
-    info = read_folder_info(folder / "dataset.yaml")
-    return {"num_classes": info.num_classes, "ignore_index": info.ignore_index, "class_names": list(info.class_names)}
-
-
-def segmenter_from_folder(examples: Path, **options: Any) -> tuple[InContextSegmenter, list[Failure]]:
-    """The segmenter of an examples folder (images/, masks/, optional dataset.yaml) and the skipped pairs.
+def segmenter_from_folder(examples: Path, split: str = "train",
+                          **options: Any) -> tuple[InContextSegmenter, list[Failure]]:
+    """The segmenter of an examples folder (see `example_dirs`; optional dataset.yaml) and the skipped pairs.
 
     `options` go to `InContextSegmenter.from_examples` and win over dataset.yaml's label space.
     """
-    images, masks, failed = example_pairs(examples)
+    images, masks, failed = example_pairs(examples, split)
     log.info("%d example pairs in %s", len(images), examples)
-    segmenter = InContextSegmenter.from_examples(images, masks, **{**folder_label_space(examples), **options})
+    described = Path(examples) / "dataset.yaml"
+    segmenter = InContextSegmenter.from_examples(images, masks, dataset_yaml=described if described.is_file() else None,
+                                                 **options)
     return segmenter, failed
 
 
-def segment_folder(segmenter: InContextSegmenter, images: Path, out: Path, ground_truth: Path | None = None,
-                   batch_size: int = 4, grid_rows: int = 6, record: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Segment every image of a folder into `out` and return the run's summary (what, how, metrics, timings)."""
+def segment_folder(segmenter: InContextSegmenter, images: str | Path, out: Path, ground_truth: Path | None = None,
+                   batch_size: int = 4, grid_rows: int = 6, record: dict[str, Any] | None = None,
+                   listing: tuple[list[Path], list[Failure], list[str]] | None = None) -> dict[str, Any]:
+    """Segment every image of a folder, file or glob into `out`; the run's summary (what, how, metrics, timings).
+
+    `listing` is `list_images(images)` when the caller already made it (to check the input first).
+    """
     from hummingbird_fungi.eval.hbird import versions
 
     start = time.perf_counter()
-    files, duplicates, ignored = list_images(images)
+    files, duplicates, ignored = listing or list_images(images)
     result = segment_files(segmenter, files, out, masks_by_stem(ground_truth), batch_size, grid_rows)
     result["failed"] = duplicates + result["failed"]
     summary: dict[str, Any] = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,17 +28,18 @@ from hummingbird_fungi.config.schema import (
     SupportOptions,
     TransferOptions,
 )
-from hummingbird_fungi.data.segmentation import DatasetInfo, SegmentationDataset, check_labels
+from hummingbird_fungi.data.segmentation import DatasetInfo, SegmentationDataset, check_labels, read_folder_info
 from hummingbird_fungi.data.transforms import EvalTransform, read_image, read_mask, to_rgb
 from hummingbird_fungi.errors import ConfigError, DataError
 from hummingbird_fungi.eval.hbird import build_memory, input_size_for, make_transfer, metric_summary
 from hummingbird_fungi.eval.metrics import ConfusionMatrix
 from hummingbird_fungi.features import PatchFeatures, build_patch_features
-from hummingbird_fungi.memory.bank import MemoryBank, read_manifest
+from hummingbird_fungi.memory.bank import MemoryBank, npy_shape, read_manifest
 from hummingbird_fungi.models.encoders import Encoder
 from hummingbird_fungi.models.factory import create_encoder
 from hummingbird_fungi.retrieval.transfer import patch_probs_to_map, upsample_argmax, upsample_probs
 from hummingbird_fungi.runtime import resolve_device, timed
+from hummingbird_fungi.segment.visualize import palette as class_palette
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ ImageInput = str | os.PathLike | Image.Image | np.ndarray
 MaskInput = str | os.PathLike | Image.Image | np.ndarray
 DEFAULT_LONG_SIDE = 448
 VOC_VOID = 255
+MAX_INFERRED_CLASSES = 1024  # an inferred class count above this is a void id taken for a class
 
 
 # --------------------------------------------------------------------------- inputs
@@ -88,9 +90,13 @@ def default_input_size(sizes: Sequence[tuple[int, int]], patch: int,
     return long_cells * patch, short_cells * patch
 
 
-def label_space(masks: Sequence[np.ndarray], num_classes: int | None,
-                ignore_index: int | None) -> tuple[int, int | None]:
-    """(num_classes, ignore_index): C defaults to the largest non-void id + 1; an unset void is 255 if used."""
+def label_space(masks: Sequence[np.ndarray], num_classes: int | None, ignore_index: int | None,
+                class_names: Sequence[str] | None = None, names: Sequence[str] | None = None) -> tuple[int, int | None]:
+    """(num_classes, ignore_index): C is `num_classes`, else the number of class names, else the largest
+    non-void id + 1 (with a warning; refused beyond MAX_INFERRED_CLASSES, e.g. a 16-bit void 65535 taken
+    for a class); an unset void is 255 if used beside small ids. `names` name the masks in messages."""
+    if num_classes is None and class_names is not None:
+        num_classes = len(class_names)
     if ignore_index is None and any((m == VOC_VOID).any() for m in masks):
         largest = max(int(m[m != VOC_VOID].max(initial=0)) for m in masks)
         if largest < VOC_VOID and (num_classes is None or num_classes <= VOC_VOID):
@@ -98,12 +104,36 @@ def label_space(masks: Sequence[np.ndarray], num_classes: int | None,
                      largest)
             ignore_index = VOC_VOID
     if num_classes is None:
-        num_classes = 1 + max(int(m[m != ignore_index].max(initial=0)) if ignore_index is not None
-                              else int(m.max(initial=0)) for m in masks)
+        largest = [int(m[m != ignore_index].max(initial=0)) if ignore_index is not None else int(m.max(initial=0))
+                   for m in masks]
+        top = int(np.argmax(largest))
+        name = names[top] if names else f"<mask {top}>"
+        num_classes = largest[top] + 1
+        if num_classes > MAX_INFERRED_CLASSES:
+            raise DataError(f"mask {name} holds id {largest[top]}, which would make {num_classes} classes: if it "
+                            f"marks void pass ignore_index={largest[top]} (--ignore-index), else give num_classes, "
+                            f"class names or a dataset.yaml")
+        log.warning("no num_classes, class names or dataset.yaml: %d classes inferred from the largest id %d "
+                    "(mask %s); if an id marks void, pass ignore_index (--ignore-index)", num_classes,
+                    largest[top], name)
     if ignore_index is not None and 0 <= ignore_index < num_classes:
         raise ConfigError(f"ignore_index {ignore_index} is a class id (< num_classes={num_classes}); "
                           f"void must lie outside [0, num_classes)")
     return num_classes, ignore_index
+
+
+def check_examples(labels: Sequence[np.ndarray], names: Sequence[str], info: DatasetInfo) -> None:
+    """Refuse example masks with ids outside the label space (naming the mask and ids) or with no class pixel."""
+    present: set[int] = set()
+    for name, label in zip(names, labels):
+        check_labels(label, info, name)
+        present.update(np.unique(label[(label >= 0) & (label < info.num_classes)]).tolist())
+    if not present:
+        raise DataError(f"every pixel of the {len(labels)} example masks is void (ignore id {info.ignore_index}): "
+                        f"there is nothing to learn from ({', '.join(names[:5])})")
+    if len(present) == 1:
+        log.warning("the example masks hold one class only (%s): every pixel will be predicted as it",
+                    info.class_names[present.pop()])
 
 
 class ExampleSet(SegmentationDataset):
@@ -117,6 +147,11 @@ class ExampleSet(SegmentationDataset):
     def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
         """The RGB image and (h, w) int64 mask of example `index`."""
         return self.images[index], self.masks[index]
+
+
+def build_record(manifest: dict) -> dict:
+    """How a bank's encoder was made (weights, pretrained, options): from `from_examples` or `build-memory`."""
+    return manifest.get("segmenter") or manifest.get("model") or {}
 
 
 def make_encoder(backbone: Any, weights: str | Path | None, pretrained: bool, backbone_kwargs: dict | None,
@@ -141,6 +176,8 @@ def load_support(extractor: PatchFeatures, path: Path) -> None:
         raise ConfigError(f"memory bank {path} uses features with support negatives but holds no support set "
                           f"({file.name} is missing); rebuild it with from_examples and save it")
     images = path / "support_images.npy"
+    for array in (file, images) if images.is_file() else (file,):
+        npy_shape(array)  # a truncated file is named, not a numpy error
     extractor.set_support(torch.from_numpy(np.load(file)),
                           image_ids=torch.from_numpy(np.load(images)) if images.is_file() else None)
 
@@ -178,14 +215,19 @@ class InContextSegmenter:
                       memory_size: int | None = None, device: str = "auto", pretrained: bool = True,
                       backbone_kwargs: dict | None = None, normalize: str = "imagenet",
                       sampling: str = "label_aware", batch_size: int = 4, seed: int = 0,
-                      long_side: int = DEFAULT_LONG_SIDE, **options: Any) -> "InContextSegmenter":
+                      long_side: int = DEFAULT_LONG_SIDE, palette: Sequence[Sequence[int]] | None = None,
+                      dataset_yaml: str | Path | None = None, **options: Any) -> "InContextSegmenter":
         """Build the memory bank from annotated examples (paths, PIL images or arrays) held in RAM.
 
-        Masks hold class ids; `num_classes` defaults to the largest id + 1 and id 255 is void when
-        the other ids are small (as in VOC). The input size defaults to multiples of the patch with
+        Masks hold class ids. The label space is `num_classes`, `ignore_index`, `class_names` (and
+        `palette`), else what `dataset_yaml` (a dataset.yaml file) says; without either C is the number
+        of class names or, with a warning, the largest id + 1, and id 255 is void when the other ids
+        are small (as in VOC). Ids outside the label space and masks without a class pixel are refused.
+        The input size defaults to multiples of the patch with
         the long side near `long_side` and the examples' median aspect. `memory_size=None` keeps every
         patch; `augment_epochs=N` fills the bank from N passes of the benchmark's train augmentation
-        instead of one clean pass. `backbone` is a name or any model `create_encoder` takes.
+        instead of one clean pass. `backbone` is a name or any model `create_encoder` takes; `palette`
+        ([r, g, b] per class) colours the written masks and overlays.
         Further keywords (backend_options, match_orientation, class_chunk) go to the constructor.
         """
         if len(images) != len(masks) or not images:
@@ -195,21 +237,27 @@ class InContextSegmenter:
             raise ConfigError(f"feature options {sorted(feature_options)} given for {features!r} features")
         timings: dict[str, float] = {}
         device_ = resolve_device(device)
+        if dataset_yaml is not None:
+            described = read_folder_info(dataset_yaml)
+            num_classes = described.num_classes if num_classes is None else num_classes
+            ignore_index = described.ignore_index if ignore_index is None else ignore_index
+            class_names = described.class_names if class_names is None else class_names
+            palette = described.palette if palette is None else palette
         names = [source_name(image, i) for i, image in enumerate(images)]
+        mask_names = [source_name(mask, i) for i, mask in enumerate(masks)]
         with timed(timings, "read_examples_s"):
             pictures = [as_rgb(image) for image in images]
             labels = [as_mask(mask) for mask in masks]
-        for name, picture, label in zip(names, pictures, labels):
+        for name, mask_name, picture, label in zip(names, mask_names, pictures, labels):
             if label.shape != (picture.height, picture.width):
-                raise DataError(f"the mask of example {name} is {label.shape[1]}x{label.shape[0]} but the image is "
+                raise DataError(f"mask {mask_name} is {label.shape[1]}x{label.shape[0]} but its image {name} is "
                                 f"{picture.width}x{picture.height} (width x height)")
-        num_classes, ignore_index = label_space(labels, num_classes, ignore_index)
+        num_classes, ignore_index = label_space(labels, num_classes, ignore_index, class_names, mask_names)
         class_names = tuple(class_names or (f"class_{i}" for i in range(num_classes)))
         if len(class_names) != num_classes:
             raise ConfigError(f"{len(class_names)} class names for {num_classes} classes")
         info = DatasetInfo("examples", num_classes, ignore_index, class_names, False)
-        for name, label in zip(names, labels):
-            check_labels(label, info, Path(name))
+        check_examples(labels, mask_names, info)
         feature_section = FeatureOptions(
             kind=features,  # type: ignore[arg-type]
             fungi=FungiOptions.from_mapping(feature_options) if isinstance(feature_options, dict)
@@ -226,11 +274,12 @@ class InContextSegmenter:
                   "pretrained": net.weights_id != "random",
                   "backbone_kwargs": dict(backbone_kwargs or {}), "normalize": normalize,
                   "ignore_index": ignore_index, "seed": seed, "augment_epochs": augment_epochs}
-        log.info("building a memory bank from %d examples at input %dx%d (W x H), %d classes, %s features",
-                 len(pictures), size[1], size[0], num_classes, features)
+        log.info("building a memory bank from %d examples at input %dx%d (H x W), %d classes, %s features",
+                 len(pictures), size[0], size[1], num_classes, features)
         bank, extractor = build_memory(net, ExampleSet(pictures, labels, names, info, seed), input_size=size,
                                        features=feature_section, memory=memory, data=data, device=device_,
-                                       seed=seed, timings=timings, manifest_extra={"segmenter": record})
+                                       seed=seed, timings=timings,
+                                       manifest_extra={"segmenter": record, "palette": palette})
         return cls(extractor, bank, size, normalize=normalize, k=k, temperature=temperature, backend=backend,
                    device=device_, timings=timings, **options)
 
@@ -243,7 +292,7 @@ class InContextSegmenter:
         options it records unless given; a bank built with other features is refused (BankMismatchError)."""
         timings: dict[str, float] = {}
         manifest = read_manifest(Path(path))
-        record = manifest.get("segmenter", {})
+        record = build_record(manifest)
         recorded = manifest["features"]
         device_ = resolve_device(device)
         same_backbone = backbone is None or backbone == recorded["backbone"]
@@ -295,13 +344,18 @@ class InContextSegmenter:
         return self.bank.manifest.get("segmenter", {}).get("ignore_index")  # banks saved before it was recorded
 
     @property
+    def colours(self) -> np.ndarray:
+        """(C, 3) uint8 class colours: the examples' dataset.yaml palette when given, else the default."""
+        return class_palette(self.num_classes, self.bank.manifest.get("palette"))
+
+    @property
     def mask_dtype(self) -> type:
         """uint8 for up to 256 classes, else uint16."""
         return np.uint8 if self.num_classes <= 256 else np.uint16
 
     def describe(self) -> dict[str, Any]:
         """What segments: backbone, weights, features, input size, retrieval settings and bank size."""
-        record = self.bank.manifest.get("segmenter", {})
+        record = build_record(self.bank.manifest)
         return {"backbone": self.backbone.name, "weights": record.get("weights"),
                 "pretrained": record.get("pretrained"), "features": self.extractor.manifest(),
                 "input_size": list(self.input_size), "match_orientation": self.match_orientation,
@@ -365,11 +419,32 @@ class InContextSegmenter:
         """mIoU (standard and reference), per-class IoU and pixel accuracy of a filled matrix."""
         return metric_summary(cm, self.class_names, self.ignore_index)
 
+    def unscored_ids(self, mask: np.ndarray) -> Counter:
+        """Pixel counts of the ground-truth ids outside the label space (neither a class nor the void id)."""
+        outside = (mask < 0) | (mask >= self.num_classes)
+        if self.ignore_index is not None:
+            outside &= mask != self.ignore_index
+        ids, counts = np.unique(mask[outside], return_counts=True)
+        return Counter(dict(zip(ids.tolist(), counts.tolist())))
+
+    def warn_unscored(self, counts: Counter, where: str = "the ground truth") -> None:
+        """Log the ids `unscored_ids` found (metrics leave those pixels out)."""
+        if counts:
+            log.warning("%s holds ids outside the label space (classes 0..%d, void %s), not scored: %s", where,
+                        self.num_classes - 1, self.ignore_index,
+                        ", ".join(f"id {i}: {n} pixels" for i, n in sorted(counts.items())))
+
     def evaluate(self, images: Sequence[ImageInput], masks: Sequence[MaskInput], batch_size: int = 8) -> dict:
-        """Segment `images` and score them against `masks` at their original size."""
-        cm = self.confusion_matrix()
-        for first in tqdm(range(0, len(images), batch_size), desc="evaluate", unit="batch"):
-            preds = self.predict_batch(images[first:first + batch_size], batch_size)
-            for pred, mask in zip(preds, masks[first:first + batch_size]):
-                cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(as_mask(mask)))
+        """Segment `images` and score them against `masks` at their original size (ids outside the label
+        space are left out, with a warning that counts them)."""
+        cm, unscored = self.confusion_matrix(), Counter()
+        with tqdm(total=len(images), desc="evaluate", unit="img") as progress:
+            for first in range(0, len(images), batch_size):
+                preds = self.predict_batch(images[first:first + batch_size], batch_size)
+                for pred, mask in zip(preds, masks[first:first + batch_size]):
+                    truth = as_mask(mask)
+                    unscored += self.unscored_ids(truth)
+                    cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(truth))
+                progress.update(len(preds))
+        self.warn_unscored(unscored)
         return self.metrics(cm)
