@@ -26,14 +26,15 @@ EXAMPLES = {
 }
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """--config, --out, --seed, --device and the trailing overrides."""
+def add_config_args(parser: argparse.ArgumentParser, command: str) -> None:
+    """--config, --out, --seed, --device and the trailing overrides of `command`."""
     parser.add_argument("--config", help="a shipped preset by name (see `hbfungi configs`) or a YAML file")
     parser.add_argument("--out", type=Path, help="results JSON to write")
     parser.add_argument("--seed", type=int, help="seed for every random choice (same as seed=N)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 or auto (same as device=...)")
+    example = "knn.k=10" if command == "knn" else "memory.size=null"
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. data.root=DIR model.weights=FILE memory.size=null")
+                        help=f"dotted overrides, e.g. data.root=DIR model.weights=FILE {example} (every key below)")
 
 
 def config_from_args(args: argparse.Namespace, schema: type | None = None):  # noqa: ANN201 - a schema instance
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (func, help_text) in COMMANDS.items():
         child = sub.add_parser(name, help=help_text, description=help_text, epilog=key_help(name),
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_config_args(child)
+        add_config_args(child, name)
         child.set_defaults(func=func)
     add_segment_commands(sub)
     listing = sub.add_parser("configs", help="list the shipped presets", description="List the shipped presets.")
