@@ -231,8 +231,7 @@ def evaluate(encoder: Any, train_data: SegmentationDataset, eval_data: Segmentat
     timings: dict[str, float] = {}
     start = time.perf_counter()
     device_ = resolve_device(device)
-    with timed(timings, "load_backbone_s"):
-        encoder = create_encoder(encoder).to(device_)
+    encoder = create_encoder(encoder).to(device_)
     size = input_size_for(encoder, input_size)
     bank, extractor = build_memory(encoder, train_data, input_size=size, features=features, memory=memory,
                                    data=data, device=device_, seed=seed, timings=timings,
@@ -361,12 +360,16 @@ def run_hbird(config: HbirdConfig, out: str | Path | None = None) -> dict:
     check_run_paths(config, out)
     train, evaluation = config_dataset(config, "train"), config_dataset(config, "eval")
     data = config.data
-    results = evaluate(config_encoder(config, resolve_device(config.device)), train, evaluation,
+    timings: dict[str, float] = {}
+    with timed(timings, "load_backbone_s"):
+        encoder = config_encoder(config, resolve_device(config.device))
+    results = evaluate(encoder, train, evaluation,
                        input_size=config.model.input_size, memory=config.memory, features=config.features,
                        retrieval=config.retrieval, transfer=config.transfer, normalize=data.normalize,
                        eval_resolution=data.eval_resolution, batch_size=data.batch_size,
                        num_workers=data.num_workers, device=config.device, seed=config.seed,
                        manifest_extra=config_manifest(config))
+    results["timings"] = {**timings, **results["timings"]}
     return {**results, "config": config.to_dict(), "versions": versions()}
 
 
