@@ -51,6 +51,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid-rows", type=int, default=6, help="images in the overlay grid")
 
 
+def add_label_space_args(parser: argparse.ArgumentParser) -> None:
+    """--num-classes, --ignore-index and --class-names (they win over dataset.yaml)."""
+    parser.add_argument("--num-classes", type=int, help="classes (default: dataset.yaml, else largest id + 1)")
+    parser.add_argument("--ignore-index", type=int, help="void id of the example masks (255 is void by default)")
+    parser.add_argument("--class-names", help="comma-separated class names, id order")
+
+
 def segmenter_options(args: argparse.Namespace) -> dict[str, Any]:
     """from_examples keywords from the shared options."""
     if args.weights is not None and not args.weights.is_file():
@@ -250,8 +257,32 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print(note)
 
 
+# --------------------------------------------------------------------------- video
+
+
+def cmd_video(args: argparse.Namespace) -> None:
+    """`hbfungi video`: segment a clip from its annotated frames (the logic is in segment.video)."""
+    from hummingbird_fungi.fileio import check_input, check_no_overlap, check_output_dir
+    from hummingbird_fungi.segment.video import run_video, video_inputs
+
+    check_input(args.frames, "--frames")
+    check_input(args.masks, "--masks")
+    check_input(args.weights, "--weights", "file")
+    check_output_dir(args.out, "--out")
+    check_no_overlap({f"--out {name}": args.out / name for name in ("masks", "overlays", "summary.json")},
+                     {"--frames": args.frames, "--masks": args.masks, "--weights": args.weights})
+    video_inputs(args.frames, args.masks, args.annotate)  # a missing first mask is named before the model loads
+    options = {**segmenter_options(args), "backbone": args.backbone or "dinov2_vits14", **label_space_flags(args)}
+    summary = run_video(args.frames, args.masks, args.out, args.annotate, args.propagate, args.radius, **options)
+    clip = summary["video"]
+    scored = "no frame scored" if clip["j_mean"] is None else \
+        f"mean J {100 * clip['j_mean']:.1f}% over {clip['num_scored']} frames"
+    print(f"{clip['num_frames']} frames ({clip['num_annotated']} annotated) -> {args.out / 'masks'}, "
+          f"{args.out / 'overlays'}; {scored}; summary {args.out / 'summary.json'}")
+
+
 def add_segment_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `segment` and `demo` to the hbfungi sub-commands."""
+    """Add `segment`, `demo` and `video` to the hbfungi sub-commands."""
     seg = subparsers.add_parser("segment", help="segment a folder of images from a few annotated examples",
                                 description="Segment every image of --images with a memory bank built from "
                                             "--examples (images/<stem>.*, masks/<stem>.png) or loaded from --memory.")
@@ -265,9 +296,7 @@ def add_segment_commands(subparsers: argparse._SubParsersAction) -> None:
     seg.add_argument("--out", type=Path, required=True, help="output folder")
     seg.add_argument("--ground-truth", type=Path, help="folder of <stem>.png masks of --images: adds metrics")
     seg.add_argument("--save-memory", type=Path, help="also save the memory bank here (reuse with --memory)")
-    seg.add_argument("--num-classes", type=int, help="classes (default: dataset.yaml, else largest id + 1)")
-    seg.add_argument("--ignore-index", type=int, help="void id of the example masks (255 is void by default)")
-    seg.add_argument("--class-names", help="comma-separated class names, id order")
+    add_label_space_args(seg)
     add_model_args(seg)
     seg.set_defaults(func=cmd_segment)
 
@@ -283,3 +312,24 @@ def add_segment_commands(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--ground-truth", type=Path, help="masks of --images, for metrics")
     add_model_args(demo)
     demo.set_defaults(func=cmd_demo, num_classes=None, ignore_index=None, class_names=None, save_memory=None)
+
+    video = subparsers.add_parser("video", help="segment a video from its annotated frames",
+                                  description="Segment every frame of --frames (sorted by name) with a memory "
+                                              "bank built from the annotated frames (--masks: <stem>.png, at "
+                                              "least the first frame's); optional propagation of the last "
+                                              "predicted frames. Writes masks, overlays and summary.json with "
+                                              "per-frame foreground IoU (J) against masks not in the memory.")
+    video.add_argument("--frames", type=Path, required=True, help="folder of frames, sorted by name")
+    video.add_argument("--masks", type=Path, required=True, help="folder of <stem>.png masks of annotated frames")
+    video.add_argument("--out", type=Path, required=True, help="output folder")
+    video.add_argument("--annotate", choices=("all", "first"), default="all",
+                       help="masks in the memory: all of --masks, or the first frame's only, the others scored "
+                            "(default all)")
+    video.add_argument("--propagate", type=int, default=0, metavar="N",
+                       help="add the last N predicted frames to the memory (default 0: off)")
+    video.add_argument("--radius", type=int, metavar="R",
+                       help="propagated frames: only patches within R patches of the query's position "
+                            "(default: no limit)")
+    add_label_space_args(video)
+    add_model_args(video)
+    video.set_defaults(func=cmd_video)

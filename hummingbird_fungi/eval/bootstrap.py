@@ -1,0 +1,70 @@
+"""Paired bootstrap over images: a confidence interval of the mIoU difference between two feature variants.
+
+Both variants segment the same N images; each image contributes one (C, C) confusion matrix per variant
+(rows ground truth, columns prediction). A resample draws N image indices with replacement and uses
+them for BOTH variants (paired); each variant's dataset mIoU is read from the SUM of the resampled
+images' matrices, exactly as the toolkit's global mIoU is read from the summed matrix (not as a mean
+of per-image mIoUs). The difference is `miou(b) - miou(a)` (a: the baseline, e.g. the embeddings);
+the interval is the percentile interval of the resampled differences at `level`, with numpy's default
+(linear) quantile interpolation. Resamples whose mIoU is undefined (nothing counted) are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from hummingbird_fungi.eval.metrics import miou_standard
+
+log = logging.getLogger(__name__)
+
+MiouFunction = Callable[[np.ndarray], float]
+
+
+def dataset_miou(matrix: np.ndarray, exclude: int | None = None) -> float:
+    """The toolkit's standard mIoU (`metrics.miou_standard`) of one (C, C) count matrix."""
+    return miou_standard(torch.from_numpy(np.asarray(matrix, dtype=np.int64)), exclude)[0]
+
+
+def resample_indices(n_images: int, n_resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """(n_resamples, n_images) image indices drawn with replacement from a seeded generator."""
+    if n_images < 1 or n_resamples < 1:
+        raise ValueError(f"need at least one image and one resample, got {n_images} and {n_resamples}")
+    return np.random.default_rng(seed).integers(0, n_images, size=(n_resamples, n_images))
+
+
+def paired_bootstrap(cms_a: np.ndarray, cms_b: np.ndarray, miou: MiouFunction = dataset_miou,
+                     n_resamples: int = 1000, level: float = 0.95, seed: int = 0,
+                     indices: np.ndarray | None = None) -> dict[str, Any]:
+    """Difference miou(sum b) - miou(sum a) of per-image matrices (N, C, C) and its paired percentile interval.
+
+    `indices` (R, N) replaces the seeded draw of `n_resamples` resamples (tests, or resamples shared by rows).
+    """
+    cms_a, cms_b = np.asarray(cms_a, dtype=np.int64), np.asarray(cms_b, dtype=np.int64)
+    if cms_a.ndim != 3 or cms_a.shape[1] != cms_a.shape[2] or cms_a.shape != cms_b.shape:
+        raise ValueError(f"expected two (N, C, C) stacks of equal shape, got {cms_a.shape} and {cms_b.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    n = len(cms_a)
+    draws = resample_indices(n, n_resamples, seed) if indices is None else np.asarray(indices, dtype=np.int64)
+    if draws.ndim != 2 or draws.min(initial=0) < 0 or draws.max(initial=0) >= n:
+        raise ValueError(f"resample indices must be (R, N) ids in [0, {n}), got shape {draws.shape}")
+    differences = np.empty(len(draws))
+    for r, ids in enumerate(draws):
+        counts = np.bincount(ids, minlength=n)  # (N,) times each image is drawn
+        differences[r] = (miou(np.tensordot(counts, cms_b, axes=1))
+                          - miou(np.tensordot(counts, cms_a, axes=1)))
+    valid = differences[~np.isnan(differences)]
+    if len(valid) < len(differences):
+        log.warning("%d of %d bootstrap resamples have an undefined mIoU and are dropped",
+                    len(differences) - len(valid), len(differences))
+    low, high = (np.quantile(valid, [(1 - level) / 2, (1 + level) / 2]).tolist() if len(valid)
+                 else (math.nan, math.nan))
+    miou_a, miou_b = miou(cms_a.sum(0)), miou(cms_b.sum(0))
+    return {"difference": miou_b - miou_a, "low": low, "high": high, "miou_a": miou_a, "miou_b": miou_b,
+            "level": level, "n_images": n, "n_resamples": len(draws), "n_valid": len(valid),
+            "seed": None if indices is not None else seed, "excludes_zero": bool(low > 0 or high < 0)}

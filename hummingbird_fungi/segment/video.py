@@ -1,0 +1,231 @@
+"""Video in-context segmentation: annotate a frame or a few, segment the whole clip (`hbfungi video`).
+
+Choices, in order of the pipeline:
+
+* Frames are the images of a folder sorted by name; the masks folder holds `<stem>.png` class-id masks of
+  frames with the same stems. The first frame must have one. `annotate="all"` puts every given mask in the
+  memory; `annotate="first"` only the first frame's, and the other masks are ground truth to score against
+  (DAVIS's first-frame protocol with the benchmark's own annotation folder).
+* The memory bank is built by `InContextSegmenter.from_examples` from the annotated frames (same label
+  space rules, features, input size and retrieval options as `hbfungi segment`). All frames must share
+  one size.
+* Annotated frames are not predicted: their output mask is the annotation itself.
+* Propagation (`propagate=N`): the patch features of the last N predicted frames, with their predicted
+  soft patch labels, join the memory. Each query patch takes the k nearest neighbours (cosine) among the
+  bank's rows and those frames' patches together, weighted by softmax(cosine / temperature) as in label
+  transfer. With `radius=R` a query patch only sees patches of the propagated frames within R patches of
+  its own grid position (Chebyshev distance: a (2R+1)^2 window), the label-propagation evaluation of
+  DINO-style papers; the annotated frames stay in the bank without a spatial limit. Frames are therefore
+  segmented one at a time, in order.
+* J of a frame is the foreground IoU of DAVIS: foreground = any class id other than 0 (void pixels of the
+  ground truth ignored), J = 1 when both ground truth and prediction are empty. Frames with a mask that is
+  not in the memory are scored; the summary holds each J, its 2x2 confusion matrix (rows ground truth
+  background/foreground, for bootstrap intervals over frames) and the mean J over scored frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from hummingbird_fungi.data.transforms import EvalTransform, read_image, read_mask
+from hummingbird_fungi.errors import ConfigError, DataError
+from hummingbird_fungi.eval.metrics import ConfusionMatrix, iou_per_class
+from hummingbird_fungi.fileio import make_dirs, save_image, write_json
+from hummingbird_fungi.retrieval.transfer import aggregate_labels, patch_probs_to_map, upsample_argmax
+from hummingbird_fungi.segment.folders import list_images, masks_by_stem, write_mask
+from hummingbird_fungi.segment.segmenter import InContextSegmenter
+from hummingbird_fungi.segment.visualize import overlay_with_legend
+
+log = logging.getLogger(__name__)
+
+ANNOTATE_CHOICES = ("all", "first")
+
+
+# --------------------------------------------------------------------------- inputs and scores
+
+
+def video_inputs(frames: str | Path, masks: str | Path,
+                 annotate: str = "all") -> tuple[list[Path], dict[str, Path], dict[str, Path]]:
+    """(frames sorted by name, stem -> mask of annotated frames, stem -> mask to score); DataError when the
+    first frame has no mask, stems repeat or there are no frames."""
+    if annotate not in ANNOTATE_CHOICES:
+        raise ConfigError(f"annotate must be one of {ANNOTATE_CHOICES}, got {annotate!r}")
+    files, duplicates, _ = list_images(frames)
+    if duplicates:
+        raise DataError(f"frames with the same stem in {frames}: {duplicates[0]['file']} ({duplicates[0]['error']})")
+    if not files:
+        raise DataError(f"no frames in {frames}")
+    given = masks_by_stem(masks) or {}
+    first = files[0].stem
+    if first not in given:
+        raise DataError(f"no mask for the first frame {files[0].name}: expected {Path(masks) / (first + '.png')}")
+    stems = {path.stem for path in files}
+    unused = sorted(set(given) - stems)
+    if unused:
+        log.warning("%d masks in %s match no frame and are ignored: %s", len(unused), masks, unused[:5])
+    given = {stem: path for stem, path in given.items() if stem in stems}
+    annotated = {first: given[first]} if annotate == "first" else given
+    truth = {stem: path for stem, path in given.items() if stem not in annotated}
+    return files, annotated, truth
+
+
+def foreground_confusion(pred: np.ndarray, gt: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
+    """(2, 2) counts of ground-truth background/foreground (rows) against predicted (columns); foreground =
+    id != 0, ground-truth void pixels dropped."""
+    target = torch.from_numpy((gt != 0).astype(np.int64))
+    if ignore_index is not None:
+        target[torch.from_numpy(gt == ignore_index)] = -1  # outside [0, 2): not counted
+    cm = ConfusionMatrix(2)
+    cm.update(torch.from_numpy((pred != 0).astype(np.int64)), target)
+    return cm.matrix.numpy()
+
+
+def jaccard(confusion: np.ndarray) -> float:
+    """Foreground IoU of a (2, 2) matrix; 1 when neither ground truth nor prediction has foreground (DAVIS)."""
+    iou = float(iou_per_class(torch.from_numpy(np.asarray(confusion)))[1])
+    return 1.0 if np.isnan(iou) else iou
+
+
+# --------------------------------------------------------------------------- propagation
+
+
+class PropagatedFrames:
+    """The last `size` predicted frames: L2-normalised patch features (N, D) and soft labels (N, C) on a grid."""
+
+    def __init__(self, size: int, radius: int | None = None) -> None:
+        if size < 0 or (radius is not None and radius < 0):
+            raise ConfigError(f"propagate and radius must be >= 0, got {size} and {radius}")
+        self.frames: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=size)
+        self.radius, self.grid = radius, None
+        self._allowed: torch.Tensor | None = None
+
+    def add(self, features: torch.Tensor, probs: torch.Tensor, grid: tuple[int, int]) -> None:
+        """Remember a predicted frame (dropped at once when propagation is off)."""
+        if self.frames.maxlen:
+            self.check_grid(grid)
+            self.frames.append((F.normalize(features.float(), dim=-1), probs.float()))
+
+    def check_grid(self, grid: tuple[int, int]) -> None:
+        """Fix the patch grid at the first frame; frames of another grid are refused."""
+        if self.grid is None:
+            self.grid = grid
+            rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+            rows, cols = rows.reshape(-1), cols.reshape(-1)  # (N,) grid position of each patch
+            distance = torch.maximum((rows[:, None] - rows[None]).abs(), (cols[:, None] - cols[None]).abs())
+            self._allowed = None if self.radius is None else distance <= self.radius  # (N, N)
+        elif grid != self.grid:
+            raise DataError(f"frames must share one size: patch grid {grid} after {self.grid}")
+
+    def candidates(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The k best (cosine (N, k), soft label (N, k, C)) among the remembered patches within the radius."""
+        if not self.frames:
+            return None
+        query = F.normalize(query.float(), dim=-1)
+        sims = torch.cat([query @ features.T if self._allowed is None
+                          else (query @ features.T).masked_fill(~self._allowed, float("-inf"))
+                          for features, _ in self.frames], dim=1)  # (N, M * N)
+        labels = torch.cat([probs for _, probs in self.frames])  # (M * N, C)
+        best, ids = sims.topk(min(k, sims.shape[1]), dim=1)
+        return best, labels[ids]
+
+
+def frame_probs(segmenter: InContextSegmenter, features: torch.Tensor, memory: PropagatedFrames) -> torch.Tensor:
+    """(N, D) patch features -> (N, C) class distributions from the bank plus the propagated frames."""
+    transfer = segmenter.transfer
+    flat = features.float().cpu()
+    sims, ids = transfer.neighbours(flat)  # (N, k)
+    labels = segmenter.bank.gather_labels(ids)  # (N, k, C)
+    extra = memory.candidates(flat, transfer.k)
+    if extra is not None:
+        sims, order = torch.cat([sims, extra[0]], dim=1).topk(transfer.k, dim=1)
+        labels = torch.gather(torch.cat([labels, extra[1]], dim=1), 1,
+                              order[..., None].expand(-1, -1, labels.shape[-1]))
+    weights = torch.softmax(sims / transfer.temperature, dim=-1).nan_to_num(0.0)  # no neighbour -> zero row
+    return aggregate_labels(weights, labels)
+
+
+# --------------------------------------------------------------------------- a clip
+
+
+def segment_frame(segmenter: InContextSegmenter, image: Image.Image,
+                  memory: PropagatedFrames) -> np.ndarray:
+    """Class-id mask (h, w) of one RGB frame; the frame joins `memory` with its predicted patch labels."""
+    size = segmenter.network_size(image.height, image.width)
+    batch = EvalTransform(size, normalize=segmenter.normalize)(image)[0][None].to(segmenter.device)
+    grid = segmenter.backbone.grid_size(*size)
+    memory.check_grid(grid)
+    features = segmenter.extractor(batch)[0].detach()  # (N, D)
+    probs = frame_probs(segmenter, features, memory)  # (N, C)
+    memory.add(features.cpu(), probs, grid)
+    mask = upsample_argmax(patch_probs_to_map(probs, grid), (image.height, image.width), segmenter.class_chunk)
+    return mask.numpy().astype(segmenter.mask_dtype)
+
+
+def segment_clip(segmenter: InContextSegmenter, files: Sequence[Path], annotated: dict[str, Path],
+                 truth: dict[str, Path], out: Path, propagate: int = 0, radius: int | None = None) -> dict[str, Any]:
+    """Write `<out>/masks/<stem>.png` and `<out>/overlays/<stem>.png` for every frame; per-frame records and J."""
+    make_dirs(out / "masks")
+    make_dirs(out / "overlays")
+    memory = PropagatedFrames(propagate, radius)
+    records: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    predicted = 0
+    for path in files:
+        image = read_image(path)
+        if path.stem in annotated:
+            pred = read_mask(annotated[path.stem]).astype(segmenter.mask_dtype)  # size checked by from_examples
+        else:
+            pred = segment_frame(segmenter, image, memory)
+            predicted += 1
+        write_mask(out / "masks" / f"{path.stem}.png", pred, segmenter.colours)
+        save_image(out / "overlays" / f"{path.stem}.png", Image.fromarray(
+            overlay_with_legend(image, pred, segmenter.class_names, segmenter.colours)))
+        record: dict[str, Any] = {"frame": str(path), "mask": f"masks/{path.stem}.png",
+                                  "overlay": f"overlays/{path.stem}.png", "annotated": path.stem in annotated}
+        if path.stem in truth:
+            gt = read_mask(truth[path.stem])
+            if gt.shape != pred.shape:
+                raise DataError(f"mask {truth[path.stem]} is {gt.shape[1]}x{gt.shape[0]} but frame {path} is "
+                                f"{image.width}x{image.height} (width x height)")
+            confusion = foreground_confusion(pred, gt, segmenter.ignore_index)
+            record.update(ground_truth=str(truth[path.stem]), j=jaccard(confusion), confusion=confusion.tolist())
+        records.append(record)
+    seconds = time.perf_counter() - start
+    scores = [record["j"] for record in records if "j" in record]
+    return {"num_frames": len(files), "num_annotated": len(files) - predicted, "num_scored": len(scores),
+            "j_mean": float(np.mean(scores)) if scores else None, "frames": records, "seconds": seconds,
+            "seconds_per_predicted_frame": seconds / predicted if predicted else None}
+
+
+def run_video(frames: str | Path, masks: str | Path, out: str | Path, annotate: str = "all", propagate: int = 0,
+              radius: int | None = None, **options: Any) -> dict[str, Any]:
+    """Build the memory from the annotated frames, segment the clip into `out`, write `<out>/summary.json`.
+
+    `options` go to `InContextSegmenter.from_examples`; returns the summary.
+    """
+    from hummingbird_fungi.eval.hbird import versions
+
+    start = time.perf_counter()
+    out = Path(out)
+    files, annotated, truth = video_inputs(frames, masks, annotate)
+    PropagatedFrames(propagate, radius)  # bad settings refused before the model loads
+    log.info("%d frames, %d annotated, %d to score; propagation over %d frames, radius %s", len(files),
+             len(annotated), len(truth), propagate, radius)
+    examples = [path for path in files if path.stem in annotated]
+    segmenter = InContextSegmenter.from_examples(examples, [annotated[p.stem] for p in examples], **options)
+    clip = segment_clip(segmenter, files, annotated, truth, out, propagate, radius)
+    summary = {"frames": str(frames), "masks": str(masks), "annotate": annotate, "propagate": propagate,
+               "radius": radius, "annotated": sorted(annotated), "segmenter": segmenter.describe(), "video": clip,
+               "j_mean": clip["j_mean"],
+               "timings": {**segmenter.timings, "total_s": time.perf_counter() - start}, "versions": versions()}
+    write_json(out / "summary.json", summary)
+    return summary
