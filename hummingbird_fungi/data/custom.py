@@ -36,8 +36,9 @@ class DatasetItem(NamedTuple):
         return f"{self.dataset}[{self.index}]"
 
 
-def as_image(value: Any, item: DatasetItem) -> Image.Image:
-    """RGB PIL image of a PIL image, an (h, w[, 3]) array or a (3, h, w) tensor/array (uint8 or floats in [0, 1])."""
+def as_image(value: Any, item: Any) -> Image.Image:
+    """RGB PIL image of a PIL image, an (h, w[, 3]) array or a (3, h, w) tensor/array (uint8 or floats in [0, 1]);
+    `item` names it in messages."""
     if isinstance(value, Image.Image):
         return to_rgb(value, str(item))
     array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
@@ -55,8 +56,9 @@ def as_image(value: Any, item: DatasetItem) -> Image.Image:
     return to_rgb(Image.fromarray(array.astype(np.uint8)), str(item))
 
 
-def as_mask(value: Any, item: DatasetItem) -> np.ndarray | None:
-    """(h, w) int64 class ids from an integer array or tensor (a leading 1 is dropped) or a single-channel PIL image."""
+def as_mask(value: Any, item: Any) -> np.ndarray | None:
+    """(h, w) int64 class ids from an integer array or tensor (a leading 1 is dropped) or a single-channel PIL
+    image; `item` names it in messages."""
     if value is None:
         return None
     array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)

@@ -28,8 +28,9 @@ from hummingbird_fungi.config.schema import (
     SupportOptions,
     TransferOptions,
 )
+from hummingbird_fungi.data.custom import as_image, as_mask as as_id_map
 from hummingbird_fungi.data.segmentation import DatasetInfo, SegmentationDataset, check_labels, read_folder_info
-from hummingbird_fungi.data.transforms import EvalTransform, read_image, read_mask, to_rgb
+from hummingbird_fungi.data.transforms import EvalTransform, read_image, read_mask
 from hummingbird_fungi.errors import ConfigError, DataError
 from hummingbird_fungi.eval.hbird import build_memory, input_size_for, make_transfer, metric_summary
 from hummingbird_fungi.eval.metrics import ConfusionMatrix
@@ -54,24 +55,19 @@ MAX_INFERRED_CLASSES = 1024  # an inferred class count above this is a void id t
 
 
 def as_rgb(image: ImageInput) -> Image.Image:
-    """An RGB PIL image from a file (EXIF applied, any mode), a PIL image (EXIF applied) or an array."""
+    """An RGB PIL image from a file (EXIF applied, any mode), a PIL image (EXIF applied), an array or a tensor."""
     if isinstance(image, (str, os.PathLike)):
         return read_image(image)
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a path, PIL image or array, got {type(image).__name__}")
-    return to_rgb(ImageOps.exif_transpose(image))
+    if not isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
+        raise TypeError(f"expected a path, PIL image, array or tensor, got {type(image).__name__}")
+    return as_image(ImageOps.exif_transpose(image) if isinstance(image, Image.Image) else image, "the image")
 
 
 def as_mask(mask: MaskInput) -> np.ndarray:
-    """(h, w) int64 class ids from a label file, a single-channel PIL image or an array."""
+    """(h, w) int64 class ids from a label file, a single-channel PIL image, an integer array or a tensor."""
     if isinstance(mask, (str, os.PathLike)):
         return read_mask(mask)
-    array = np.asarray(mask)
-    if array.ndim != 2:
-        raise DataError(f"a mask must be a single-channel (h, w) class-id map, got shape {array.shape}")
-    return array.astype(np.int64)
+    return as_id_map(mask, "the mask")
 
 
 def source_name(source: Any, index: int) -> str:
