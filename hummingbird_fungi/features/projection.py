@@ -25,11 +25,6 @@ DENSE_GEN_ROWS = 16  # rows of P per seeded generator; part of P's definition
 _WORK_ELEMENTS = 1 << 21  # floats in one intermediate block (8 MB in fp32; cache-friendly on CPU)
 
 
-def _with_bias(a: Tensor) -> Tensor:
-    """Append the bias input 1: (n, E_in) -> (n, E_in + 1)."""
-    return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-
-
 class GradientProjection(abc.ABC):
     """Maps flattened (E_out, E_in + 1) gradient matrices to `out_dim` numbers."""
 
