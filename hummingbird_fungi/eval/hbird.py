@@ -277,10 +277,11 @@ def hbird_evaluation(model: Any, d_model: int, patch_size: int, dataset_name: st
         eval_data.info = dataclasses.replace(eval_data.info, ignore_index=ignore_index)
     memory = dataclasses.replace(options.pop("memory", None) or MemoryOptions(), size=memory_size,
                                  augmentation_epochs=augmentation_epoch)
-    retrieval = RetrievalOptions(backend=_ohe_backend(nn_method), k=n_neighbours,
-                                 options={OHE_SCANN_PARAMS.get(k, k): v for k, v in (nn_params or {}).items()}
-                                 if nn_method == "scann" and _ohe_backend(nn_method) == "scann" else
-                                 dict(nn_params or {}) if _ohe_backend(nn_method) == nn_method else {})
+    backend = _ohe_backend(nn_method)
+    params = dict(nn_params or {}) if backend == nn_method else {}  # the exact fallback takes no ScaNN parameters
+    if backend == "scann":
+        params = {OHE_SCANN_PARAMS.get(key, key): value for key, value in params.items()}
+    retrieval = RetrievalOptions(backend=backend, k=n_neighbours, options=params)
     results = evaluate(encoder, train_data, eval_data, input_size=input_size, memory=memory, retrieval=retrieval,
                        batch_size=batch_size, num_workers=num_workers, device=device, **options)
     return (results["miou_reference"], results) if return_knn_details else results["miou_reference"]

@@ -44,9 +44,10 @@ def create_encoder(model: Any, *, patch_size: int | None = None, embed_dim: int 
                           f"not to a {type(model).__name__}")
     encoder = _wrap(model, patch_size=patch_size, embed_dim=embed_dim, feature_fn=feature_fn, stride=stride,
                     name=name, weights_id=weights_id, output=output)
-    log.info("encoder %s (%s): weights %s, patch %d, dim %d, %d prefix tokens, default layer %s", encoder.name,
-             type(encoder).__name__, encoder.weights_id, encoder.patch_size, encoder.embed_dim,
-             encoder.num_prefix_tokens, encoder.default_layer)
+    if encoder is not model:  # a given Encoder was described when it was made
+        log.info("encoder %s (%s): weights %s, patch %d, dim %d, %d prefix tokens, default layer %s", encoder.name,
+                 type(encoder).__name__, encoder.weights_id, encoder.patch_size, encoder.embed_dim,
+                 encoder.num_prefix_tokens, encoder.default_layer)
     return encoder.to(device) if device is not None else encoder
 
 
