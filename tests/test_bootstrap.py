@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from hummingbird_fungi.eval.bootstrap import dataset_miou, paired_bootstrap, resample_indices
+from hummingbird_fungi.eval.bootstrap import dataset_miou, paired_bootstrap, paired_bootstrap_means, resample_indices
 
 # per-image (2, 2) confusion matrices, rows ground truth, columns prediction
 CMS_A = np.array([[[3, 1], [0, 4]],   # IoUs 3/4, 4/5
@@ -50,3 +50,17 @@ def test_dataset_miou_is_the_toolkit_metric_and_bad_input_is_refused():
         paired_bootstrap(CMS_A, CMS_B, level=1.0)
     with pytest.raises(ValueError):
         paired_bootstrap(CMS_A, CMS_B, indices=np.array([[0, 1, 3]]))
+
+
+def test_means_interval_matches_the_hand_computation():
+    # per-sequence scores; differences b - a = [0.1, 0.0, 0.3]
+    a, b = np.array([0.5, 0.8, 0.2]), np.array([0.6, 0.8, 0.5])
+    # resample means of the differences: [0,1,2] 0.4/3, [0,0,0] 0.1, [1,1,1] 0, [2,2,2] 0.3, [0,0,2] 0.5/3
+    # sorted: 0, 0.1, 0.1333, 0.1667, 0.3; level 0.5 -> the 2nd and 4th
+    result = paired_bootstrap_means(a, b, level=0.5, indices=INDICES)
+    assert result["difference"] == pytest.approx(0.4 / 3)
+    assert result["mean_a"] == pytest.approx(0.5) and result["mean_b"] == pytest.approx(1.9 / 3)
+    assert result["low"] == pytest.approx(0.1) and result["high"] == pytest.approx(0.5 / 3)
+    assert result["excludes_zero"] and result["n_units"] == 3
+    with pytest.raises(ValueError, match="resample indices"):
+        paired_bootstrap_means(a, b, indices=np.array([[0, 1, 3]]))

@@ -70,8 +70,11 @@ def reference_negatives(ext: FungiPatchFeatures, tokens: torch.Tensor, support: 
     return (rows @ ext.head_weight.T + ext.head_bias)[keep]
 
 
-def naive_features(ext: FungiPatchFeatures, images: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
-    """FUNGI with per-token weight gradients materialised by autograd and the explicit dense P."""
+def naive_features(ext: FungiPatchFeatures, images: torch.Tensor, support: torch.Tensor | None = None,
+                   loss_of=None) -> torch.Tensor:
+    """FUNGI with per-token weight gradients materialised by autograd and the explicit dense P.
+
+    `loss_of(z)` (z: head outputs (B, T, L) with a graph) replaces the reference InfoNCE."""
     model, prefix = ext.encoder.model, ext.encoder.num_prefix_tokens
     proj = find_linear(model, ext.layer_path)
     per_token = {}
@@ -88,7 +91,7 @@ def naive_features(ext: FungiPatchFeatures, images: torch.Tensor, support: torch
     finally:
         del proj.forward
     z = tokens @ ext.head_weight.T + ext.head_bias
-    loss = sum(reference_loss(z[b], z.new_zeros(0, z.shape[-1]) if support is None
+    loss = loss_of(z) if loss_of is not None else sum(reference_loss(z[b], z.new_zeros(0, z.shape[-1]) if support is None
                               else reference_negatives(ext, tokens[b].detach(), support), TAU)
                for b in range(len(images)))
     grad_w, grad_b = torch.autograd.grad(loss, [per_token["w"], per_token["b"]])
@@ -109,6 +112,44 @@ def test_fast_path_equals_naive_per_token_gradients(reg_tokens: int, images) -> 
     # the gradient half alone also matches (not dominated by the shared embedding half)
     assert F.cosine_similarity(fast[..., 32:], naive[..., 32:], dim=-1).min() > 0.9999
     torch.testing.assert_close(fast, naive, rtol=0, atol=1e-5)
+
+
+def kl_reference(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """sum over tokens of KL(uniform || softmax(z / T)) / L, written out: (1/L) sum_l u (log u - log p_l)."""
+    length = z.shape[-1]
+    log_p = z / temperature - torch.logsumexp(z / temperature, dim=-1, keepdim=True)
+    return ((math.log(1 / length) - log_p) / length).sum(-1).div(length).sum()
+
+
+def dino_reference(ext: FungiPatchFeatures, images: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each patch against the same patch of the mirrored image, patch by patch."""
+    opts = ext.settings
+    with torch.no_grad():
+        mirrored = ext.encoder.model.forward_features(images.flip(-1))  # (B, T, E)
+    prefix = ext.encoder.num_prefix_tokens
+    h, w = ext.encoder.grid_size(*images.shape[-2:])
+    order = list(range(prefix)) + [prefix + r * w + (w - 1 - c) for r in range(h) for c in range(w)]
+    teacher = mirrored[:, order] @ ext.head_weight.T + ext.head_bias  # token t <- mirrored token at (r, w-1-c)
+    teacher = teacher - teacher.mean(1, keepdim=True)
+    target = torch.softmax(teacher / opts.teacher_temperature, dim=-1)
+    return -(target * torch.log_softmax(z / opts.student_temperature, dim=-1)).sum()
+
+
+@pytest.mark.parametrize("objective", ["kl", "dino"])
+def test_patch_objectives_equal_naive_per_token_gradients(objective: str, backbone, images) -> None:
+    ext = FungiPatchFeatures(backbone, projection="dense", head_dim=8, objective=objective, kl_temperature=2.0)
+    loss_of = ((lambda z: kl_reference(z, 2.0)) if objective == "kl"
+               else (lambda z: dino_reference(ext, images, z)))
+    fast, naive = ext(images), naive_features(ext, images, loss_of=loss_of)
+    assert F.cosine_similarity(fast[..., 32:], naive[..., 32:], dim=-1).min() > 0.9999
+    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-5)
+    infonce = FungiPatchFeatures(backbone, projection="dense", head_dim=8)(images)
+    assert (fast[..., 32:] - infonce[..., 32:]).abs().max() > 0.05  # a different gradient, not the default's
+
+
+def test_negatives_need_the_infonce_objective(backbone) -> None:
+    with pytest.raises(ConfigError, match="negatives='support' needs objective=infonce"):
+        FungiPatchFeatures(backbone, objective="kl", negatives="support")
 
 
 @pytest.mark.parametrize("negatives", ["support", "support_scrambled"])

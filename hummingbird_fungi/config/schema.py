@@ -98,6 +98,9 @@ class FungiOptions(Section):
     """Patch-level FUNGI: the loss, its gradient layer, the projection and how the parts combine."""
 
     key = "features.fungi"
+    objective: Literal["infonce", "kl", "dino"] = option(
+        "infonce", doc="loss per image: infonce (tokens attract each other), kl (each patch's head output "
+                       "against uniform), dino (each patch against the same patch of the mirrored image)")
     head_dim: int = option(96, check=at_least(1), doc="output size of the random head")
     head_seed: int = option(0, doc="seed of the random head")
     projection: Literal["dense", "structured"] = option("structured", doc="dense: the reference's +-1 matrix")
@@ -106,6 +109,10 @@ class FungiOptions(Section):
     projection_seed: int = option(0, doc="seed of the projection")
     out_dim: int | None = option(None, check=at_least(1), doc="projected gradient size; null: the token size")
     tau: float = option(0.07, check=positive, doc="InfoNCE temperature")
+    kl_temperature: float = option(15.0, check=positive, doc="temperature of the kl objective's softmax")
+    student_temperature: float = option(0.1, check=positive, doc="dino objective: temperature of the patch")
+    teacher_temperature: float = option(0.04, check=positive, doc="dino objective: temperature of the mirrored "
+                                                                  "patch (centred over the image)")
     tau_placement: Literal["positive", "both"] = option("positive", doc="which InfoNCE terms tau divides")
     negatives: Literal["none", "support", "support_scrambled"] = option("none", doc="InfoNCE negatives")
     neg_k: int = option(5, check=at_least(1), doc="support neighbours retrieved per token")
@@ -122,6 +129,9 @@ class FungiOptions(Section):
     def validate(self) -> None:
         if self.n_neg > self.neg_k:
             raise ConfigError(f"{self.key}.n_neg={self.n_neg} must be <= {self.key}.neg_k={self.neg_k}")
+        if self.negatives != "none" and self.objective != "infonce":
+            raise ConfigError(f"{self.key}.negatives={self.negatives!r} needs objective=infonce, "
+                              f"got {self.objective!r}")
 
 
 @dataclass

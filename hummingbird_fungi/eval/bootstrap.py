@@ -1,4 +1,4 @@
-"""Paired bootstrap over images: a confidence interval of the mIoU difference between two feature variants.
+"""Paired bootstrap over images (or sequences): a confidence interval of the difference between two feature variants.
 
 Both variants segment the same N images; each image contributes one (C, C) confusion matrix per variant
 (rows ground truth, columns prediction). A resample draws N image indices with replacement and uses
@@ -7,6 +7,8 @@ images' matrices, exactly as the toolkit's global mIoU is read from the summed m
 of per-image mIoUs). The difference is `miou(b) - miou(a)` (a: the baseline, e.g. the embeddings);
 the interval is the percentile interval of the resampled differences at `level`, with numpy's default
 (linear) quantile interpolation. Resamples whose mIoU is undefined (nothing counted) are dropped.
+`paired_bootstrap_means` does the same for a mean of per-unit scores (e.g. DAVIS's mean over
+sequences of each sequence's mean J, resampling sequences).
 """
 
 from __future__ import annotations
@@ -50,21 +52,48 @@ def paired_bootstrap(cms_a: np.ndarray, cms_b: np.ndarray, miou: MiouFunction = 
     if not 0 < level < 1:
         raise ValueError(f"level must lie in (0, 1), got {level}")
     n = len(cms_a)
-    draws = resample_indices(n, n_resamples, seed) if indices is None else np.asarray(indices, dtype=np.int64)
-    if draws.ndim != 2 or draws.min(initial=0) < 0 or draws.max(initial=0) >= n:
-        raise ValueError(f"resample indices must be (R, N) ids in [0, {n}), got shape {draws.shape}")
+    draws = _draws(n, n_resamples, seed, indices)
     differences = np.empty(len(draws))
     for r, ids in enumerate(draws):
         counts = np.bincount(ids, minlength=n)  # (N,) times each image is drawn
         differences[r] = (miou(np.tensordot(counts, cms_b, axes=1))
                           - miou(np.tensordot(counts, cms_a, axes=1)))
+    miou_a, miou_b = miou(cms_a.sum(0)), miou(cms_b.sum(0))
+    return {"difference": miou_b - miou_a, **_interval(differences, level), "miou_a": miou_a, "miou_b": miou_b,
+            "level": level, "n_images": n, "n_resamples": len(draws),
+            "seed": None if indices is not None else seed}
+
+
+def paired_bootstrap_means(values_a: np.ndarray, values_b: np.ndarray, n_resamples: int = 1000,
+                           level: float = 0.95, seed: int = 0, indices: np.ndarray | None = None) -> dict[str, Any]:
+    """Difference mean(b) - mean(a) of per-unit scores (N,) (e.g. per-sequence J) and its paired percentile interval."""
+    values_a, values_b = np.asarray(values_a, dtype=np.float64), np.asarray(values_b, dtype=np.float64)
+    if values_a.ndim != 1 or values_a.shape != values_b.shape:
+        raise ValueError(f"expected two (N,) score vectors of equal shape, got {values_a.shape} and {values_b.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    n = len(values_a)
+    draws = _draws(n, n_resamples, seed, indices)
+    differences = (values_b - values_a)[draws].mean(1)  # (R,)
+    return {"difference": float(values_b.mean() - values_a.mean()), **_interval(differences, level),
+            "mean_a": float(values_a.mean()), "mean_b": float(values_b.mean()), "level": level, "n_units": n,
+            "n_resamples": len(draws), "seed": None if indices is not None else seed}
+
+
+def _draws(n: int, n_resamples: int, seed: int, indices: np.ndarray | None) -> np.ndarray:
+    """The (R, N) resampled ids: `indices` when given (checked), else a seeded draw."""
+    draws = resample_indices(n, n_resamples, seed) if indices is None else np.asarray(indices, dtype=np.int64)
+    if draws.ndim != 2 or draws.min(initial=0) < 0 or draws.max(initial=0) >= n:
+        raise ValueError(f"resample indices must be (R, N) ids in [0, {n}), got shape {draws.shape}")
+    return draws
+
+
+def _interval(differences: np.ndarray, level: float) -> dict[str, Any]:
+    """Percentile interval of resampled differences (NaN resamples dropped, with a warning)."""
     valid = differences[~np.isnan(differences)]
     if len(valid) < len(differences):
         log.warning("%d of %d bootstrap resamples have an undefined mIoU and are dropped",
                     len(differences) - len(valid), len(differences))
     low, high = (np.quantile(valid, [(1 - level) / 2, (1 + level) / 2]).tolist() if len(valid)
                  else (math.nan, math.nan))
-    miou_a, miou_b = miou(cms_a.sum(0)), miou(cms_b.sum(0))
-    return {"difference": miou_b - miou_a, "low": low, "high": high, "miou_a": miou_a, "miou_b": miou_b,
-            "level": level, "n_images": n, "n_resamples": len(draws), "n_valid": len(valid),
-            "seed": None if indices is not None else seed, "excludes_zero": bool(low > 0 or high < 0)}
+    return {"low": low, "high": high, "n_valid": len(valid), "excludes_zero": bool(low > 0 or high < 0)}

@@ -5,7 +5,10 @@ Per image: a seeded, never-trained head fc (E -> head_dim) maps all last-layer t
 (prefix tokens included, as in the reference: CLS and any register tokens act as positives
 and query negatives, but get no feature) to z; the reference's InfoNCE (with its
 fp16 numerics fixed) pulls every token towards the other tokens of its image and,
-optionally, away from retrieved support negatives. The gradient of that loss at a linear
+optionally, away from retrieved support negatives. Two per-patch objectives are ours
+(`objective`): kl (each patch's softmax(z / T) against the uniform distribution) and dino (each
+patch's softmax(z / T_s) against the centred, sharpened head output of the same patch in the
+mirrored image: self-distillation between two views with an exact patch correspondence). The gradient of that loss at a linear
 layer (default: the last block's attn.proj, weight and bias) is taken per patch as the
 outer product g_t [a_t; 1]^T and projected without being formed (projection.py). The
 feature is normalise([x̂_t ; w φ̂_t]) (w = grad_weight, 1 in the reference).
@@ -29,7 +32,7 @@ Deviations from the reference, each with a switch:
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +42,7 @@ from hummingbird_fungi.config.schema import FungiOptions
 from hummingbird_fungi.config.typed import with_overrides
 from hummingbird_fungi.features.base import PatchFeatures, select_patches
 from hummingbird_fungi.features.gradients import forward_with_capture, gradient_layer, random_head
-from hummingbird_fungi.features.losses import info_nce
+from hummingbird_fungi.features.losses import dino_loss, info_nce, kl_uniform_loss
 from hummingbird_fungi.features.projection import build_projection
 from hummingbird_fungi.models.encoders import Encoder
 from hummingbird_fungi.runtime import autocast, timed, use_autocast
@@ -78,11 +81,14 @@ def keep_mask(count: int, keep_prob: float, seed: int, device: torch.device) -> 
     return (draws <= keep_prob).to(device)
 
 
-def combine(tokens: Tensor, phi: Tensor, grad_weight: float) -> Tensor:
-    """The FUNGI feature normalise([x̂ ; w φ̂]) for tokens (..., E) and projections (..., P) -> (..., E + P)."""
-    x_hat = F.normalize(tokens.float(), dim=-1)
-    phi_hat = F.normalize(phi.float(), dim=-1)
-    return F.normalize(torch.cat([x_hat, grad_weight * phi_hat], dim=-1), dim=-1)
+def combine(tokens: Tensor, phi: Tensor | Sequence[Tensor], grad_weight: float) -> Tensor:
+    """The FUNGI feature normalise([x̂ ; w φ̂]) for tokens (..., E) and projections (..., P) -> (..., E + P).
+
+    `phi` may be several projected gradients [(..., P_i)]: each is normalised and weighted on its own.
+    """
+    phis = [phi] if isinstance(phi, Tensor) else list(phi)
+    parts = [F.normalize(tokens.float(), dim=-1)] + [grad_weight * F.normalize(p.float(), dim=-1) for p in phis]
+    return F.normalize(torch.cat(parts, dim=-1), dim=-1)
 
 
 class FungiPatchFeatures(PatchFeatures):
@@ -117,7 +123,7 @@ class FungiPatchFeatures(PatchFeatures):
 
     @property
     def needs_support(self) -> bool:
-        return self.negatives != "none"
+        return self.negatives != "none"  # only the infonce objective takes negatives (FungiOptions checks)
 
     def set_support(self, features: Tensor, image_ids: Tensor | None = None) -> None:
         """Index the support set (M, E) of raw unit-norm patch embeddings that supplies negatives.
@@ -149,6 +155,12 @@ class FungiPatchFeatures(PatchFeatures):
         return {**self.settings.to_dict(), "layer": self.layer_path}
 
     def __call__(self, images: Tensor, select: Tensor | None = None, image_ids: Tensor | None = None) -> Tensor:
+        tokens, phi = self.parts(images, select, image_ids)
+        return combine(tokens, phi, self.grad_weight)  # (B, n, E + P)
+
+    def parts(self, images: Tensor, select: Tensor | None = None,
+              image_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The two halves before they are combined: tokens (B, n, E) and projected gradients (B, n, P)."""
         with torch.inference_mode(False), torch.enable_grad():
             images = images.clone() if images.is_inference() else images
             g, a, tokens = self._gradients(images, image_ids)  # (B, T, E_out), (B, T, E_in), (B, T, E)
@@ -156,7 +168,7 @@ class FungiPatchFeatures(PatchFeatures):
             g, a, tokens = (select_patches(t[:, prefix:], select) for t in (g, a, tokens))  # (B, n, .)
             with timed(self.step_times, "projection"):
                 phi = self._project(g.flatten(0, 1), a.flatten(0, 1))  # (B n, P)
-            return combine(tokens, phi.view(*g.shape[:2], self.projection.out_dim), self.grad_weight)  # (B, n, E + P)
+            return tokens, phi.view(*g.shape[:2], self.projection.out_dim)
 
     def _gradients(self, images: Tensor, image_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Layer output-gradients g, layer inputs a and final tokens for all tokens of each image."""
@@ -166,9 +178,31 @@ class FungiPatchFeatures(PatchFeatures):
         with timed(self.step_times, "negatives"):
             negatives, keep = self._negatives(tokens.detach(), image_ids)
         with timed(self.step_times, "loss_backward"):
-            loss = info_nce(self._head(tokens), self.tau, self.tau_placement, negatives, keep).sum()
+            loss = self._loss(tokens, images, negatives, keep)
             (g,) = torch.autograd.grad(loss, capture.output)
         return g.detach(), capture.input, tokens.detach()
+
+    def _loss(self, tokens: Tensor, images: Tensor, negatives: Tensor | None, keep: Tensor | None) -> Tensor:
+        """The objective summed over images (and, for kl and dino, over tokens) for tokens (B, T, E)."""
+        opts = self.settings
+        z = self._head(tokens)  # (B, T, L)
+        if opts.objective == "infonce":
+            return info_nce(z, self.tau, self.tau_placement, negatives, keep).sum()
+        if opts.objective == "kl":
+            return kl_uniform_loss(z.flatten(0, 1), opts.kl_temperature).sum()
+        teacher = self._head(self._mirrored_tokens(images))  # (B, T, L)
+        teacher = teacher - teacher.mean(1, keepdim=True)  # centred over the image's tokens
+        return dino_loss(z.flatten(0, 1)[:, None], teacher.flatten(0, 1)[:, None],
+                         opts.student_temperature, opts.teacher_temperature).sum()
+
+    def _mirrored_tokens(self, images: Tensor) -> Tensor:
+        """Tokens (B, T, E) of the horizontally mirrored images, patches mirrored back onto the original grid."""
+        with torch.no_grad(), autocast(self.autocast, images.device):
+            tokens = self.encoder.forward_tokens(images.flip(-1)).float()  # (B, T, E)
+        prefix = self.encoder.num_prefix_tokens
+        h, w = self.encoder.grid_size(images.shape[-2], images.shape[-1])
+        patches = tokens[:, prefix:].reshape(len(tokens), h, w, -1).flip(2).reshape(len(tokens), h * w, -1)
+        return torch.cat([tokens[:, :prefix], patches], dim=1)
 
     def _negatives(self, tokens: Tensor, image_ids: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """Projected support negatives (B, T n_neg, L) and their keep-mask (B, T n_neg), or (None, None)."""
