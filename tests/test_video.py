@@ -66,6 +66,10 @@ def test_video_recovers_the_moving_square(tmp_path, propagation, capsys):
     assert min(scores) > BOUND, scores
     summary = json.loads((out / "summary.json").read_text())
     assert summary["annotated"] == ["00000"] and summary["video"]["num_scored"] == 0
+    # the strip: frames round(linspace(0, 7, 6)), 64 px each (under STRIP_SIDE, kept), 4-px white gaps
+    assert summary["video"]["strip_frames"] == ["00000", "00001", "00003", "00004", "00006", "00007"]
+    strip = np.asarray(Image.open(out / summary["video"]["strip"]))
+    assert strip.shape == (SIZE, 6 * SIZE + 5 * 4, 3) and (strip[:, SIZE:SIZE + 4] == 255).all()
     assert "mean J" not in capsys.readouterr().out
 
 

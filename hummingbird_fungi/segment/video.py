@@ -17,6 +17,8 @@ Choices, in order of the pipeline:
   its own grid position (Chebyshev distance: a (2R+1)^2 window), the label-propagation evaluation of
   DINO-style papers; the annotated frames stay in the bank without a spatial limit. Frames are therefore
   segmented one at a time, in order.
+* `strip.png` shows STRIP_FRAMES evenly spaced frames (first and last included) as overlays side by side,
+  each at most STRIP_SIDE pixels on its long side: the clip at a glance.
 * J of a frame is the foreground IoU of DAVIS: foreground = any class id other than 0 (void pixels of the
   ground truth ignored), J = 1 when both ground truth and prediction are empty. Frames with a mask that is
   not in the memory are scored; the summary holds each J, its 2x2 confusion matrix (rows ground truth
@@ -43,11 +45,24 @@ from hummingbird_fungi.fileio import make_dirs, save_image, write_json
 from hummingbird_fungi.retrieval.transfer import aggregate_labels, patch_probs_to_map, upsample_argmax
 from hummingbird_fungi.segment.folders import list_images, masks_by_stem, write_mask
 from hummingbird_fungi.segment.segmenter import InContextSegmenter
-from hummingbird_fungi.segment.visualize import overlay_with_legend
+from hummingbird_fungi.segment.visualize import overlay, overlay_with_legend, thumbnail
 
 log = logging.getLogger(__name__)
 
 ANNOTATE_CHOICES = ("all", "first")
+STRIP_FRAMES, STRIP_SIDE = 6, 320
+
+
+def strip_indices(total: int, count: int = STRIP_FRAMES) -> list[int]:
+    """`count` evenly spaced frame indices of a clip of `total` frames, first and last included."""
+    return sorted({int(i) for i in np.linspace(0, total - 1, min(count, total)).round()})
+
+
+def video_strip(thumbnails: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
+    """(h, w, 3) thumbnails of equal height side by side with white gaps -> (h, W, 3) uint8."""
+    spacer = np.full((thumbnails[0].shape[0], gap, 3), 255, dtype=np.uint8)
+    parts = [part for thumb in thumbnails for part in (spacer, thumb)][1:]
+    return np.concatenate(parts, axis=1)
 
 
 # --------------------------------------------------------------------------- inputs and scores
@@ -172,14 +187,16 @@ def segment_frame(segmenter: InContextSegmenter, image: Image.Image,
 
 def segment_clip(segmenter: InContextSegmenter, files: Sequence[Path], annotated: dict[str, Path],
                  truth: dict[str, Path], out: Path, propagate: int = 0, radius: int | None = None) -> dict[str, Any]:
-    """Write `<out>/masks/<stem>.png` and `<out>/overlays/<stem>.png` for every frame; per-frame records and J."""
+    """Write `<out>/masks/<stem>.png` and `<out>/overlays/<stem>.png` for every frame and `<out>/strip.png`;
+    per-frame records and J."""
     make_dirs(out / "masks")
     make_dirs(out / "overlays")
     memory = PropagatedFrames(propagate, radius)
     records: list[dict[str, Any]] = []
     start = time.perf_counter()
     predicted = 0
-    for path in files:
+    shown, thumbnails = strip_indices(len(files)), []
+    for number, path in enumerate(files):
         image = read_image(path)
         if path.stem in annotated:
             pred = read_mask(annotated[path.stem]).astype(segmenter.mask_dtype)  # size checked by from_examples
@@ -189,6 +206,9 @@ def segment_clip(segmenter: InContextSegmenter, files: Sequence[Path], annotated
         write_mask(out / "masks" / f"{path.stem}.png", pred, segmenter.colours)
         save_image(out / "overlays" / f"{path.stem}.png", Image.fromarray(
             overlay_with_legend(image, pred, segmenter.class_names, segmenter.colours)))
+        if number in shown:
+            thumbnails.append(thumbnail(overlay(image, pred, len(segmenter.class_names), colours=segmenter.colours),
+                                        STRIP_SIDE))
         record: dict[str, Any] = {"frame": str(path), "mask": f"masks/{path.stem}.png",
                                   "overlay": f"overlays/{path.stem}.png", "annotated": path.stem in annotated}
         if path.stem in truth:
@@ -200,10 +220,12 @@ def segment_clip(segmenter: InContextSegmenter, files: Sequence[Path], annotated
             record.update(ground_truth=str(truth[path.stem]), j=jaccard(confusion), confusion=confusion.tolist())
         records.append(record)
     seconds = time.perf_counter() - start
+    save_image(out / "strip.png", Image.fromarray(video_strip(thumbnails)))
     scores = [record["j"] for record in records if "j" in record]
     return {"num_frames": len(files), "num_annotated": len(files) - predicted, "num_scored": len(scores),
             "j_mean": float(np.mean(scores)) if scores else None, "frames": records, "seconds": seconds,
-            "seconds_per_predicted_frame": seconds / predicted if predicted else None}
+            "seconds_per_predicted_frame": seconds / predicted if predicted else None, "strip": "strip.png",
+            "strip_frames": [files[i].stem for i in shown]}
 
 
 def run_video(frames: str | Path, masks: str | Path, out: str | Path, annotate: str = "all", propagate: int = 0,
