@@ -267,47 +267,74 @@ def main() -> None:
     reference = (ks[0], temps[0])
     report: dict[str, Any] = {"protocol": data["kind"], "grads": grads, "input_size": list(data["input_size"]),
                               "reference": {"k": ks[0], "temperature": temps[0]}, "tables": []}
+    metric = "mIoU" if data["kind"] == "images" else "mean J"
     if data["kind"] == "images":
         sizes = [None if s.lower() == "none" else int(s) for s in (args.memory_size or ["none"])]
         draws = resample_indices(len(data["targets"]), args.resamples, seed=0)
-        full_rows = None if args.full_rows is None else set(args.full_rows.split(","))
-        for size in sizes:
-            memory_rows, count = label_aware_rows(data, size)
-            table = {"memory_rows": count, "rows": []}
-            report["tables"].append(table)
-            base = None
-            for comp in rows:
-                if size is None and full_rows is not None and comp.name not in full_rows and comp.name != "embeddings":
-                    continue
-                start = time.perf_counter()
-                scored = score_images(data, comp, memory_rows, ks, temps)
-                base = scored[reference] if base is None else base
-                for (k, t), cms in scored.items():
-                    result = paired_bootstrap(base, cms, indices=draws)
-                    table["rows"].append({"row": comp.name, "k": k, "temperature": t, "miou": result["miou_b"],
-                                          "difference": result["difference"], "low": result["low"],
-                                          "high": result["high"], "excludes_zero": result["excludes_zero"],
-                                          "seconds": time.perf_counter() - start})
-                write_json(args.out, report)
-                print_rows(table, comp.name, count, "mIoU")
+        full_rows = None if args.full_rows is None else set(args.full_rows.split(",")) | {"embeddings"}
+        plans = [(size, [c for c in rows if size is not None or full_rows is None or c.name in full_rows])
+                 for size in sizes]
     else:
         draws = resample_indices(len(data["sequences"]), args.resamples, seed=0)
-        table = {"sequences": list(data["sequences"]), "rows": []}
+        plans = [(None, rows)]
+    for number, (size, comps) in enumerate(plans):
+        if data["kind"] == "images":
+            memory_rows, count = label_aware_rows(data, size)
+            table: dict[str, Any] = {"memory_rows": count, "rows": []}
+        else:
+            count, table = None, {"sequences": list(data["sequences"]), "rows": []}
         report["tables"].append(table)
-        base = None
-        for comp in rows:
+        scores: dict[tuple, np.ndarray] = {}  # (row, k, T) -> per-image matrices or per-sequence J
+        for comp in comps:
             start = time.perf_counter()
-            scored = score_davis(data, comp, ks, temps)
-            base = scored[reference] if base is None else base
-            for (k, t), per_sequence in scored.items():
-                result = paired_bootstrap_means(base, per_sequence, indices=draws)
-                table["rows"].append({"row": comp.name, "k": k, "temperature": t, "miou": result["mean_b"],
-                                      "difference": result["difference"], "low": result["low"],
-                                      "high": result["high"], "excludes_zero": result["excludes_zero"],
-                                      "per_sequence": per_sequence.tolist(), "seconds": time.perf_counter() - start})
+            scored = (score_images(data, comp, memory_rows, ks, temps) if data["kind"] == "images"
+                      else score_davis(data, comp, ks, temps))
+            for (k, t), values in scored.items():
+                scores[(comp.name, k, t)] = values
+                result = compare(scores[("embeddings", *reference)], values, draws)
+                table["rows"].append({"row": comp.name, "k": k, "temperature": t, "score": result["b"],
+                                      **{key: result[key] for key in ("difference", "low", "high", "excludes_zero")},
+                                      "seconds": time.perf_counter() - start,
+                                      **({"per_sequence": values.tolist()} if values.ndim == 1 else {})})
             write_json(args.out, report)
-            print_rows(table, comp.name, None, "mean J")
-    print_summary(report)
+            print_rows(table, comp.name, count, metric)
+        np.savez_compressed(args.out.with_suffix(f".table{number}.npz"),
+                            **{f"{name}|{k}|{t}": values for (name, k, t), values in scores.items()})
+        table["tuned"] = tuned_comparisons(table, scores, draws)
+        write_json(args.out, report)
+    print_summary(report, metric)
+
+
+def compare(a: np.ndarray, b: np.ndarray, draws: np.ndarray) -> dict[str, Any]:
+    """Paired bootstrap of b against a: per-image matrices (N, C, C) or per-sequence scores (S,)."""
+    if a.ndim == 3:
+        result = paired_bootstrap(a, b, indices=draws)
+        return {**result, "b": result["miou_b"]}
+    result = paired_bootstrap_means(a, b, indices=draws)
+    return {**result, "b": result["mean_b"]}
+
+
+def tuned_comparisons(table: dict, scores: dict, draws: np.ndarray) -> list[dict[str, Any]]:
+    """Each row at its best k/T against the embeddings at theirs (both picked on the scored set)."""
+    def best(name: str) -> dict:
+        return max((r for r in table["rows"] if r["row"] == name), key=lambda r: r["score"])
+
+    base = best("embeddings")
+    out = []
+    for name in dict.fromkeys(r["row"] for r in table["rows"]):
+        row = best(name)
+        result = compare(scores[("embeddings", base["k"], base["temperature"])],
+                         scores[(name, row["k"], row["temperature"])], draws)
+        out.append({"row": name, "k": row["k"], "temperature": row["temperature"], "score": row["score"],
+                    "embeddings_k": base["k"], "embeddings_temperature": base["temperature"],
+                    **{key: result[key] for key in ("difference", "low", "high", "excludes_zero")}})
+    return out
+
+
+def line(row: dict) -> str:
+    """Score, difference and interval of one result row."""
+    return (f"{100 * row['score']:6.2f}  {100 * row['difference']:+6.2f} [{100 * row['low']:+6.2f}, "
+            f"{100 * row['high']:+6.2f}]{' *' if row['excludes_zero'] else ''}")
 
 
 def print_rows(table: dict, name: str, count: int | None, metric: str) -> None:
@@ -315,28 +342,22 @@ def print_rows(table: dict, name: str, count: int | None, metric: str) -> None:
     for row in table["rows"]:
         if row["row"] == name:
             where = "" if count is None else f"bank {count:7d} "
-            print(f"{where}{name:24s} k {row['k']:3d} T {row['temperature']:.3f}  {metric} {100 * row['miou']:6.2f}  "
-                  f"diff {100 * row['difference']:+6.2f} [{100 * row['low']:+6.2f}, {100 * row['high']:+6.2f}]"
-                  f"{' *' if row['excludes_zero'] else ''}", flush=True)
+            print(f"{where}{name:24s} k {row['k']:3d} T {row['temperature']:.3f}  {metric} {line(row)}", flush=True)
 
 
-def print_summary(report: dict) -> None:
-    """Per table: every row at the reference k/T, then each row's best k/T (chosen on the scored set)."""
+def print_summary(report: dict, metric: str) -> None:
+    """Per table: every row at the reference k/T, then each row's best k/T against the embeddings' best."""
     ref = report["reference"]
     for table in report["tables"]:
         title = f"memory rows {table['memory_rows']}" if "memory_rows" in table else "DAVIS first frame"
-        print(f"\n== {title}: difference to the embeddings at k={ref['k']}, T={ref['temperature']}, 95% paired "
-              f"bootstrap interval (* excludes 0)")
+        print(f"\n== {title}: {metric} and its difference to the embeddings at k={ref['k']}, T={ref['temperature']}; "
+              f"95% paired bootstrap interval (* excludes 0)")
         for row in table["rows"]:
             if row["k"] == ref["k"] and row["temperature"] == ref["temperature"]:
-                print(f"  {row['row']:24s} {100 * row['miou']:6.2f}  {100 * row['difference']:+6.2f} "
-                      f"[{100 * row['low']:+6.2f}, {100 * row['high']:+6.2f}]{' *' if row['excludes_zero'] else ''}")
-        print("  best k/T per row (tuned on the scored set itself):")
-        for name in dict.fromkeys(row["row"] for row in table["rows"]):
-            best = max((r for r in table["rows"] if r["row"] == name), key=lambda r: r["miou"])
-            print(f"  {name:24s} k {best['k']:3d} T {best['temperature']:.3f} {100 * best['miou']:6.2f}  "
-                  f"{100 * best['difference']:+6.2f} [{100 * best['low']:+6.2f}, {100 * best['high']:+6.2f}]"
-                  f"{' *' if best['excludes_zero'] else ''}")
+                print(f"  {row['row']:24s} {line(row)}")
+        print("  each row at its best k/T against the embeddings at theirs (both picked on the scored set):")
+        for row in table["tuned"]:
+            print(f"  {row['row']:24s} k {row['k']:3d} T {row['temperature']:.3f}  {line(row)}")
 
 
 if __name__ == "__main__":
