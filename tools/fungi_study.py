@@ -175,9 +175,11 @@ def davis_data(args, encoder, grads, device) -> dict[str, Any]:
 
 def features_of(cache: PartCache, comp, rows: np.ndarray | slice = slice(None)) -> torch.Tensor:
     """The composition's unit features (n, D) of the cached images' patches `rows` (flattened index)."""
-    tokens = torch.from_numpy(np.asarray(cache.get("tokens")).reshape(-1, cache.get("tokens").shape[-1])[rows])
-    grads = [torch.from_numpy(np.asarray(cache.get(g)).reshape(-1, cache.get(g).shape[-1])[rows]) for g in comp.grads]
-    return compose(tokens, grads, comp)
+    def read(name: str) -> torch.Tensor:
+        array = cache.get(name)
+        return torch.from_numpy(np.array(array.reshape(-1, array.shape[-1])[rows]))  # a copy, out of the memory map
+
+    return compose(read("tokens"), [read(g) for g in comp.grads], comp)
 
 
 def score_images(data: dict, comp, memory_rows: np.ndarray | slice, ks: list[int], temps: list[float]) -> dict:
