@@ -108,6 +108,12 @@ def make_variants(encoder: Encoder, args: argparse.Namespace,
         "fungi_dense_none": (dense, None),
         f"fungi_dense_none_select{args.select}": (dense, args.select),
         "fungi_structured_support": (FungiPatchFeatures(encoder, negatives="support"), None),
+        # the variants of tools/fungi_study.py (structured projection, no negatives)
+        "fungi_kl": (FungiPatchFeatures(encoder, objective="kl"), None),
+        "fungi_dino": (FungiPatchFeatures(encoder, objective="dino"), None),
+        "fungi_fc2": (FungiPatchFeatures(encoder, layer="blocks.-1.mlp.fc2"), None),
+        "fungi_qkv": (FungiPatchFeatures(encoder, layer="blocks.-1.attn.qkv"), None),
+        "fungi_proj_4th_last_block": (FungiPatchFeatures(encoder, layer="blocks.-4.attn.proj"), None),
     }
     variants["fungi_structured_support"][0].set_support(support_set(encoder, support_images, args.batch))
     return variants
