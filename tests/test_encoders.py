@@ -174,10 +174,16 @@ def test_callable_tuple_or_tensor_and_shape_checks():
             CallableEncoder(model, patch_token_fn, patch_size=16, embed_dim=16)(x)
 
 
+PATCH_LAYERS = {"timm": "blocks.-1.attn.qkv", "timm_registers": "blocks.-1.attn.qkv", "dino_hub": "blocks.-1.attn.qkv",
+                "dinov2_hub": "blocks.-1.attn.qkv", "torchvision": "encoder.layers.-1.mlp.3"}
+
+
+@pytest.mark.parametrize("which", ["default_layer", "patch_layer"])
 @pytest.mark.parametrize("kind", ["timm", "timm_registers", "dino_hub", "dinov2_hub", "torchvision"])
-def test_default_layer_is_a_linear_that_runs_once_with_grad_after_it(kind):
+def test_default_layer_is_a_linear_that_runs_once_with_grad_after_it(kind, which):
     encoder = ADAPTERS[kind][0]()
-    layer = resolve(encoder.model, encoder.default_layer)
+    assert encoder.patch_layer == PATCH_LAYERS[kind]
+    layer = resolve(encoder.model, getattr(encoder, which))
     assert isinstance(layer, nn.Linear)
     calls = []
 
@@ -213,8 +219,9 @@ def test_torchvision_attention_out_proj_hook_never_fires():
 
 
 def test_cnn_and_callable_have_no_default_layer():
-    assert ADAPTERS["cnn"][0]().default_layer is None
-    assert ADAPTERS["callable"][0]().default_layer is None
+    for kind in ("cnn", "callable"):
+        encoder = ADAPTERS[kind][0]()
+        assert encoder.default_layer is None and encoder.patch_layer is None
 
 
 def test_module_fingerprint_and_default_ids():

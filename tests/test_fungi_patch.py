@@ -102,10 +102,12 @@ def naive_features(ext: FungiPatchFeatures, images: torch.Tensor, support: torch
     return F.normalize(torch.cat([x_hat, F.normalize(phi, dim=-1)], dim=-1), dim=-1)
 
 
+@pytest.mark.parametrize("layer", [None, "blocks.-1.attn.proj", "blocks.0.mlp.fc2"])  # None: the qkv default
 @pytest.mark.parametrize("reg_tokens", [0, 2])
-def test_fast_path_equals_naive_per_token_gradients(reg_tokens: int, images) -> None:
+def test_fast_path_equals_naive_per_token_gradients(reg_tokens: int, layer: str | None, images) -> None:
     tiny = tiny_backbone(reg_tokens=reg_tokens)
-    ext = FungiPatchFeatures(tiny, projection="dense", head_dim=8)
+    ext = FungiPatchFeatures(tiny, projection="dense", head_dim=8, layer=layer)
+    assert ext.layer_path == (layer or "blocks.-1.attn.qkv")
     fast, naive = ext(images), naive_features(ext, images)
     assert fast.shape == naive.shape == (3, 24, 64) and ext.dim == 64
     assert F.cosine_similarity(fast, naive, dim=-1).min() > 0.9999

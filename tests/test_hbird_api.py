@@ -81,7 +81,7 @@ def test_patch_fungi_on_user_models(toy_dataset, kind):
                                      features=features, **OHE)
     manifest = details["features"]
     assert manifest["kind"] == "fungi" and manifest["dim"] == 2 * E
-    assert manifest["options"]["layer"] == ("blocks.-1.attn.proj" if kind == "timm" else "encoder.layers.-1.mlp.3")
+    assert manifest["options"]["layer"] == ("blocks.-1.attn.qkv" if kind == "timm" else "encoder.layers.-1.mlp.3")
     assert 0.0 <= miou <= 1.0
     plain = hbird_evaluation(model, E, 16, data_dir=str(toy_dataset), return_knn_details=True, **OHE)[1]
     assert plain["features"]["dim"] == E

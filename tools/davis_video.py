@@ -6,6 +6,8 @@ Prints a table (J per sequence, mean, seconds per predicted frame) per setting a
 
     python tools/davis_video.py --davis ../shared/assets/davis2016 --weights dinov2_vits14_imgfocus.pth \
         --out runs/davis_video --features embeddings --features fungi --propagate 0 --propagate 7 --radius 4
+
+DINOv2 ViT-S/14 (the `hbfungi video` default backbone); --layer names another FUNGI gradient layer.
 """
 
 from __future__ import annotations
@@ -17,25 +19,34 @@ from typing import Any
 
 from hummingbird_fungi.cli.main import main as hbfungi
 from hummingbird_fungi.fileio import write_json
+from hummingbird_fungi.models.encoders import VIT_PATCH_LAYER
 
 
-def setting_name(features: str, propagate: int, radius: int | None) -> str:
-    """Folder name of one setting, e.g. 'fungi_p7_r4'."""
-    return f"{features}_p{propagate}" + ("" if radius is None or not propagate else f"_r{radius}")
+def setting_name(features: str, propagate: int, radius: int | None, layer: str | None) -> str:
+    """Folder name of one setting, e.g. 'fungi_p7_r4' or 'fungi-blocks.-1.attn.proj_p0'."""
+    kind = features if layer is None or features != "fungi" else f"{features}-{layer}"
+    return f"{kind}_p{propagate}" + ("" if radius is None or not propagate else f"_r{radius}")
+
+
+def reusable(summary: dict, features: str, propagate: int, radius: int | None, layer: str) -> bool:
+    """Whether a finished run has these settings (FUNGI: the same gradient layer)."""
+    described = summary["segmenter"]["features"]
+    return (summary["propagate"] == propagate and summary["radius"] == (radius if propagate else None)
+            and described["kind"] == features and (features != "fungi" or described["options"]["layer"] == layer))
 
 
 def run_sequence(frames: Path, masks: Path, out: Path, weights: Path, features: str, propagate: int,
-                 radius: int | None, extra: list[str]) -> dict[str, Any]:
+                 radius: int | None, layer: str | None, extra: list[str]) -> dict[str, Any]:
     """The summary of one `hbfungi video` run, reusing a finished run of the same settings."""
     summary_path = out / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if (summary["propagate"] == propagate and summary["radius"] == (radius if propagate else None)
-                and summary["segmenter"]["features"]["kind"] == features):
-            return summary
+    if summary_path.is_file() and reusable(json.loads(summary_path.read_text()), features, propagate, radius,
+                                           layer or VIT_PATCH_LAYER):
+        return json.loads(summary_path.read_text())
     argv = ["video", "--frames", str(frames), "--masks", str(masks), "--out", str(out), "--annotate", "first",
             "--weights", str(weights), "--features", features, "--num-classes", "2", "--ignore-index", "255",
             "--class-names", "background,object", "--propagate", str(propagate), *extra]
+    if layer is not None and features == "fungi":
+        argv += ["--feature-option", f"layer={layer}"]
     if propagate and radius is not None:
         argv += ["--radius", str(radius)]
     if hbfungi(argv) != 0:
@@ -52,6 +63,7 @@ def main() -> None:
     parser.add_argument("--features", action="append", choices=("embeddings", "fungi"))
     parser.add_argument("--propagate", action="append", type=int)
     parser.add_argument("--radius", type=int, default=None)
+    parser.add_argument("--layer", help="FUNGI gradient layer (default: the backbone's patch layer)")
     parser.add_argument("--sequence", action="append", help="default: every sequence")
     parser.add_argument("extra", nargs="*", help="further `hbfungi video` flags, after --")
     args = parser.parse_args()
@@ -59,12 +71,12 @@ def main() -> None:
     table: dict[str, Any] = {}
     for features in args.features or ["embeddings"]:
         for propagate in args.propagate or [0]:
-            name = setting_name(features, propagate, args.radius)
+            name = setting_name(features, propagate, args.radius, args.layer)
             rows = {}
             for sequence in sequences:
                 summary = run_sequence(args.davis / "JPEGImages" / sequence, args.davis / "Annotations" / sequence,
                                        args.out / name / sequence, args.weights, features, propagate, args.radius,
-                                       args.extra)
+                                       args.layer, args.extra)
                 video = summary["video"]
                 rows[sequence] = {"j": video["j_mean"], "frames": video["num_scored"],
                                   "s_per_frame": video["seconds_per_predicted_frame"]}
@@ -72,13 +84,12 @@ def main() -> None:
             table[name] = {"sequences": rows, "mean_j": mean_j}
             write_json(args.out / "table.json", table)
     names = list(table)
-    print(f"{'sequence':20s}" + "".join(f"{name:>22s}" for name in names))
+    width = max(len(name) for name in names) + 2
+    print(f"{'sequence':20s}" + "".join(f"{name:>{width}s}" for name in names))
     for sequence in sequences:
-        print(f"{sequence:20s}" + "".join(f"{100 * table[n]['sequences'][sequence]['j']:15.1f} "
-                                          f"({table[n]['sequences'][sequence]['s_per_frame']:.2f}s)"
-                                          for n in names))
-    print(f"{'mean J':20s}" + "".join(f"{100 * table[n]['mean_j']:22.1f}" for n in names))
-
+        cells = [table[n]["sequences"][sequence] for n in names]
+        print(f"{sequence:20s}" + "".join(f"{100 * c['j']:>{width - 8}.1f} ({c['s_per_frame']:.2f}s)" for c in cells))
+    print(f"{'mean J':20s}" + "".join(f"{100 * table[n]['mean_j']:>{width - 8}.1f}        " for n in names))
 
 if __name__ == "__main__":
     main()

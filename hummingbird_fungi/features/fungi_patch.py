@@ -9,7 +9,8 @@ optionally, away from retrieved support negatives. Two per-patch objectives are 
 (`objective`): kl (each patch's softmax(z / T) against the uniform distribution) and dino (each
 patch's softmax(z / T_s) against the centred, sharpened head output of the same patch in the
 mirrored image: self-distillation between two views with an exact patch correspondence). The gradient of that loss at a linear
-layer (default: the last block's attn.proj, weight and bias) is taken per patch as the
+layer (default: the encoder's patch layer, the last block's attn.qkv on ViTs; the reference's is attn.proj;
+weight and bias) is taken per patch as the
 outer product g_t [a_t; 1]^T and projected without being formed (projection.py). The
 feature is normalise([x̂_t ; w φ̂_t]) (w = grad_weight, 1 in the reference).
 
@@ -105,7 +106,7 @@ class FungiPatchFeatures(PatchFeatures):
         self.negatives, self.neg_k, self.n_neg = opts.negatives, opts.neg_k, opts.n_neg
         self.keep_prob, self.neg_seed, self.exclude_same_image = opts.keep_prob, opts.neg_seed, opts.exclude_same_image
         self.grad_weight, self.autocast, self.token_chunk = opts.grad_weight, opts.autocast, opts.token_chunk
-        self.layer_path, self.layer = gradient_layer(encoder, opts.layer)
+        self.layer_path, self.layer = gradient_layer(encoder, opts.layer, patch=True)
         self.head_weight, self.head_bias = random_head(encoder.embed_dim, opts.head_dim, opts.head_seed)
         proj_options: dict[str, Any] = ({"rank": opts.rank, "distribution": opts.projection_distribution}
                                         if opts.projection == "structured" else {})

@@ -24,9 +24,10 @@ from hummingbird_fungi.errors import ConfigError
 from hummingbird_fungi.models.encoders import Encoder, find_linear
 
 
-def gradient_layer(encoder: Encoder, path: str | None = None) -> tuple[str, nn.Linear]:
-    """(path, layer) of the nn.Linear whose gradient FUNGI uses: `path` in encoder.model, else its default."""
-    path = path or encoder.default_layer
+def gradient_layer(encoder: Encoder, path: str | None = None, patch: bool = False) -> tuple[str, nn.Linear]:
+    """(path, layer) of the nn.Linear whose gradient FUNGI uses: `path` in encoder.model, else the encoder's
+    default (its `patch_layer` for patch FUNGI)."""
+    path = path or (encoder.patch_layer if patch else encoder.default_layer)
     if path is None:
         raise ConfigError(f"encoder {encoder.name!r} ({type(encoder).__name__}) has no default gradient layer: name "
                           f"an nn.Linear of its model with layer=PATH (features.fungi.layer)")

@@ -3,7 +3,8 @@
 `Encoder` is what the rest of the toolkit consumes: `forward` gives (B, h*w, E) patch tokens in
 row-major order, `forward_tokens` gives all tokens (CLS and registers first) after the final norm,
 and `default_layer` names the nn.Linear (dotted path in `encoder.model`, negative indices allowed)
-whose gradient FUNGI uses. The adapters wrap a timm ViT, a torch.hub DINO/DINOv2 module, a
+whose gradient image FUNGI uses, `patch_layer` the one patch FUNGI uses (the default layer unless the
+adapter knows a better one). The adapters wrap a timm ViT, a torch.hub DINO/DINOv2 module, a
 torchvision ViT, a CNN feature map at a known stride, or an open-hummingbird-eval style feature
 function; `create_encoder` picks the right one.
 """
@@ -27,6 +28,10 @@ from hummingbird_fungi.errors import ConfigError
 log = logging.getLogger(__name__)
 
 VIT_LAYER = "blocks.-1.attn.proj"
+# Patch FUNGI on timm and hub ViTs: the last block's qkv projection. Its gradient passes through that
+# block's attention, so each patch's feature also reflects the patches it attends to; measured against
+# attn.proj on CamVid and DAVIS (docs/protocol.md#patch-fungi).
+VIT_PATCH_LAYER = "blocks.-1.attn.qkv"
 # The second Linear of the last block's MLP. Not `self_attention.out_proj`: nn.MultiheadAttention
 # uses out_proj.weight functionally (F.multi_head_attention_forward), so a hook on it never fires.
 TORCHVISION_LAYER = "encoder.layers.-1.mlp.3"
@@ -45,11 +50,12 @@ class Encoder(nn.Module):
     embed_dim: int  # token dimension E
     num_prefix_tokens: int  # tokens before the patch grid in forward_tokens (CLS, registers)
     default_layer: str | None  # dotted path of the nn.Linear FUNGI uses by default; None if none
+    patch_layer: str | None  # the nn.Linear patch FUNGI uses by default (default_layer unless given)
     architecture: str  # what the module is (timm model name, class name), for manifests
 
     def __init__(self, model: nn.Module, *, name: str | None, weights_id: str | None, patch_size: int,
                  embed_dim: int, num_prefix_tokens: int, default_layer: str | None,
-                 architecture: str | None = None) -> None:
+                 architecture: str | None = None, patch_layer: str | None = None) -> None:
         super().__init__()
         self.model = model.eval()
         self.name = name or type(model).__name__
@@ -59,6 +65,7 @@ class Encoder(nn.Module):
         self.embed_dim = int(embed_dim)
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.default_layer = default_layer
+        self.patch_layer = patch_layer or default_layer
         self.eval()
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
@@ -88,7 +95,7 @@ class Encoder(nn.Module):
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, weights_id={self.weights_id!r}, patch_size={self.patch_size}, "
                 f"embed_dim={self.embed_dim}, num_prefix_tokens={self.num_prefix_tokens}, "
-                f"default_layer={self.default_layer!r}")
+                f"default_layer={self.default_layer!r}, patch_layer={self.patch_layer!r}")
 
 
 class TimmViTEncoder(Encoder):
@@ -102,7 +109,7 @@ class TimmViTEncoder(Encoder):
                      "embeddings interpolated at run time); weights unchanged", type(model).__name__)
         super().__init__(model, name=name, weights_id=weights_id, patch_size=model.patch_embed.patch_size[0],
                          embed_dim=model.embed_dim, num_prefix_tokens=model.num_prefix_tokens,
-                         default_layer=_linear_path(model, VIT_LAYER),
+                         default_layer=_linear_path(model, VIT_LAYER), patch_layer=_linear_path(model, VIT_PATCH_LAYER),
                          architecture=architecture or model.pretrained_cfg.get("architecture"))
 
     def forward_tokens(self, x: Tensor) -> Tensor:
@@ -125,7 +132,8 @@ class HubViTEncoder(Encoder):
         if isinstance(patch_size, (tuple, list)):
             patch_size = patch_size[0]
         super().__init__(model, name=name, weights_id=weights_id, patch_size=patch_size, embed_dim=model.embed_dim,
-                         num_prefix_tokens=1 + num_registers, default_layer=_linear_path(model, VIT_LAYER))
+                         num_prefix_tokens=1 + num_registers, default_layer=_linear_path(model, VIT_LAYER),
+                         patch_layer=_linear_path(model, VIT_PATCH_LAYER))
         self._dinov2 = dinov2
         self._num_registers = num_registers
 

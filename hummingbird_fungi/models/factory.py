@@ -45,9 +45,9 @@ def create_encoder(model: Any, *, patch_size: int | None = None, embed_dim: int 
     encoder = _wrap(model, patch_size=patch_size, embed_dim=embed_dim, feature_fn=feature_fn, stride=stride,
                     name=name, weights_id=weights_id, output=output)
     if encoder is not model:  # a given Encoder was described when it was made
-        log.info("encoder %s (%s): weights %s, patch %d, dim %d, %d prefix tokens, default layer %s", encoder.name,
-                 type(encoder).__name__, encoder.weights_id, encoder.patch_size, encoder.embed_dim,
-                 encoder.num_prefix_tokens, encoder.default_layer)
+        log.info("encoder %s (%s): weights %s, patch %d, dim %d, %d prefix tokens, FUNGI layers %s (image), %s "
+                 "(patch)", encoder.name, type(encoder).__name__, encoder.weights_id, encoder.patch_size,
+                 encoder.embed_dim, encoder.num_prefix_tokens, encoder.default_layer, encoder.patch_layer)
     return encoder.to(device) if device is not None else encoder
 
 
