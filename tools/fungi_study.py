@@ -101,14 +101,14 @@ class PartCache:
         return np.load(self.folder / f"{name}.npy", mmap_mode="r")
 
 
-def fill(cache: PartCache, encoder, batches, grads: dict[str, dict], device, desc: str, extra: dict[str, Any]) -> None:
-    """Extract whatever `cache` lacks (tokens with the first missing gradient, or alone)."""
-    todo = {name: grads[name] for name in cache.missing(grads)}
-    tokens_key = {"encoder": extra["encoder"], "input_size": extra["input_size"]}
-    if todo or cache.missing({"tokens": tokens_key}):
+def fill(cache: PartCache, encoder, batches, grads: dict[str, dict], device, desc: str, key: dict[str, Any]) -> None:
+    """Extract whatever `cache` lacks for this encoder and input size (`key`): tokens, missing gradients."""
+    keyed = {name: {**opts, **key} for name, opts in grads.items()}
+    todo = {name: grads[name] for name in cache.missing(keyed)}
+    if todo or cache.missing({"tokens": key}):
         arrays = extract(encoder, batches(), todo, device, desc)
         for name, array in arrays.items():
-            cache.put(name, array, tokens_key if name == "tokens" else grads[name])
+            cache.put(name, array, key if name == "tokens" else keyed[name])
 
 
 # --------------------------------------------------------------------------- protocols

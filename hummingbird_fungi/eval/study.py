@@ -11,7 +11,7 @@ interval on its difference to the embeddings. The driver is tools/fungi_study.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -36,7 +36,6 @@ class Composition:
     dims: int | None = None  # keep the first `dims` projected coordinates of each gradient
     pca: int | None = None
     whiten: bool = False
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 def parse_composition(text: str) -> Composition:
