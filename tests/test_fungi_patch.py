@@ -91,9 +91,10 @@ def naive_features(ext: FungiPatchFeatures, images: torch.Tensor, support: torch
     finally:
         del proj.forward
     z = tokens @ ext.head_weight.T + ext.head_bias
-    loss = loss_of(z) if loss_of is not None else sum(reference_loss(z[b], z.new_zeros(0, z.shape[-1]) if support is None
-                              else reference_negatives(ext, tokens[b].detach(), support), TAU)
-               for b in range(len(images)))
+    loss = loss_of(z) if loss_of is not None else sum(
+        reference_loss(z[b], z.new_zeros(0, z.shape[-1]) if support is None
+                       else reference_negatives(ext, tokens[b].detach(), support), TAU)
+        for b in range(len(images)))
     grad_w, grad_b = torch.autograd.grad(loss, [per_token["w"], per_token["b"]])
     grads = torch.cat([grad_w, grad_b[..., None]], dim=-1)[:, prefix:]  # (B, N, E_out, E_in + 1)
     dense = torch.cat([ext.projection.chunk(i) for i in range(ext.projection.num_chunks)]).float()

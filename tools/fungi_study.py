@@ -221,8 +221,8 @@ def label_aware_rows(data: dict, size: int | None) -> tuple[np.ndarray | slice, 
     n_img = patches_per_image(size, counts.shape[0], 1, counts.shape[1])
     if n_img == counts.shape[1]:
         return slice(None), counts.shape[0] * counts.shape[1]
-    keep = [sample_patches(counts[i], n_img, "label_aware", generator(data["seed"] + 1, 0, i)).numpy() + i * counts.shape[1]
-            for i in range(counts.shape[0])]
+    keep = [sample_patches(counts[i], n_img, "label_aware", generator(data["seed"] + 1, 0, i)).numpy()
+            + i * counts.shape[1] for i in range(counts.shape[0])]
     rows = np.concatenate(keep)
     return rows, len(rows)
 

@@ -269,7 +269,7 @@ def cmd_video(args: argparse.Namespace) -> None:
     check_input(args.masks, "--masks")
     check_input(args.weights, "--weights", "file")
     check_output_dir(args.out, "--out")
-    check_no_overlap({f"--out {name}": args.out / name for name in ("masks", "overlays", "summary.json")},
+    check_no_overlap({f"--out {name}": args.out / name for name in ("masks", "overlays", "strip.png", "summary.json")},
                      {"--frames": args.frames, "--masks": args.masks, "--weights": args.weights})
     video_inputs(args.frames, args.masks, args.annotate)  # a missing first mask is named before the model loads
     options = {**segmenter_options(args), "backbone": args.backbone or "dinov2_vits14", **label_space_flags(args)}

@@ -120,9 +120,9 @@ class FungiOptions(Section):
     keep_prob: float = option(0.5, check=in_unit_interval, doc="probability of keeping each negative")
     neg_seed: int = option(0, doc="seed of the negative keep-mask")
     exclude_same_image: bool = option(True, doc="skip support rows of the query's own image")
-    layer: str | None = option(None, doc="dotted path of the nn.Linear whose gradient is used; "
-                                         "null: the encoder's patch default (last block's attn.qkv for timm and hub ViTs; "
-                                         "the reference used blocks.-1.attn.proj)")
+    layer: str | None = option(None, doc="dotted path of the nn.Linear whose gradient is used; null: the "
+                                         "encoder's patch default (last block's attn.qkv for timm and hub "
+                                         "ViTs; the reference used blocks.-1.attn.proj)")
     grad_weight: float = option(1.0, check=at_least(0), doc="weight w of the gradient part")
     autocast: Autocast = option("auto", doc="bf16 autocast: auto (CUDA only), bf16 or off")
     token_chunk: int = option(1024, check=at_least(1), doc="tokens per projection block")

@@ -8,9 +8,9 @@ fp16 numerics fixed) pulls every token towards the other tokens of its image and
 optionally, away from retrieved support negatives. Two per-patch objectives are ours
 (`objective`): kl (each patch's softmax(z / T) against the uniform distribution) and dino (each
 patch's softmax(z / T_s) against the centred, sharpened head output of the same patch in the
-mirrored image: self-distillation between two views with an exact patch correspondence). The gradient of that loss at a linear
-layer (default: the encoder's patch layer, the last block's attn.qkv on ViTs; the reference's is attn.proj;
-weight and bias) is taken per patch as the
+mirrored image: self-distillation between two views with an exact patch correspondence). The
+gradient of that loss at a linear layer (default: the encoder's patch layer, the last block's attn.qkv
+on ViTs; the reference's is attn.proj; weight and bias) is taken per patch as the
 outer product g_t [a_t; 1]^T and projected without being formed (projection.py). The
 feature is normalise([x̂_t ; w φ̂_t]) (w = grad_weight, 1 in the reference).
 
