@@ -39,9 +39,10 @@ def run_sequence(frames: Path, masks: Path, out: Path, weights: Path, features: 
                  radius: int | None, layer: str | None, extra: list[str]) -> dict[str, Any]:
     """The summary of one `hbfungi video` run, reusing a finished run of the same settings."""
     summary_path = out / "summary.json"
-    if summary_path.is_file() and reusable(json.loads(summary_path.read_text()), features, propagate, radius,
-                                           layer or VIT_PATCH_LAYER):
-        return json.loads(summary_path.read_text())
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if reusable(summary, features, propagate, radius, layer or VIT_PATCH_LAYER):
+            return summary
     argv = ["video", "--frames", str(frames), "--masks", str(masks), "--out", str(out), "--annotate", "first",
             "--weights", str(weights), "--features", features, "--num-classes", "2", "--ignore-index", "255",
             "--class-names", "background,object", "--propagate", str(propagate), *extra]

@@ -44,7 +44,7 @@ from hummingbird_fungi.eval.study import Pca, compose, image_confusions, parse_c
 from hummingbird_fungi.features.embeddings import EmbeddingFeatures
 from hummingbird_fungi.features.fungi_patch import FungiPatchFeatures
 from hummingbird_fungi.fileio import make_dirs, save_npy_atomic, write_atomic, write_json
-from hummingbird_fungi.memory.labels import patches_per_image, patchify_labels, sample_patches
+from hummingbird_fungi.memory.labels import patches_per_image, patchify_labels, sample_patches, soft_labels
 from hummingbird_fungi.models.backbones import load_backbone
 from hummingbird_fungi.runtime import generator
 from hummingbird_fungi.segment.video import jaccard
@@ -182,16 +182,20 @@ def features_of(cache: PartCache, comp, rows: np.ndarray | slice = slice(None)) 
     return compose(read("tokens"), [read(g) for g in comp.grads], comp)
 
 
+def neighbours(memory: torch.Tensor, queries: torch.Tensor, comp, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k (similarities, ids) of the queries among the memory rows, after the composition's PCA if any
+    (fitted on the memory; at most as many components as memory rows)."""
+    if comp.pca:
+        pca = Pca(memory, min(comp.pca, len(memory)), comp.whiten)
+        memory, queries = pca(memory), pca(queries)
+    return search(queries, memory, k)
+
+
 def score_images(data: dict, comp, memory_rows: np.ndarray | slice, ks: list[int], temps: list[float]) -> dict:
     """{(k, T): (N, C, C) per-image matrices} of one composition against the chosen memory rows."""
-    memory = features_of(data["train"], comp, memory_rows)
-    labels = data["counts"].reshape(-1, data["num_classes"])[memory_rows]
-    labels = labels / labels.sum(-1, keepdim=True).clamp_min(1e-12)
-    queries = features_of(data["eval"], comp)
-    if comp.pca:
-        pca = Pca(memory, comp.pca, comp.whiten)
-        memory, queries = pca(memory), pca(queries)
-    sims, ids = search(queries, memory, max(ks))
+    labels = soft_labels(data["counts"].reshape(-1, data["num_classes"])[memory_rows])
+    sims, ids = neighbours(features_of(data["train"], comp, memory_rows), features_of(data["eval"], comp), comp,
+                           max(ks))
     return {(k, t): image_confusions(transfer_probs(sims, ids, labels, k, t), data["grid"], data["targets"],
                                      data["num_classes"], data["ignore_index"]) for k in ks for t in temps}
 
@@ -202,13 +206,8 @@ def score_davis(data: dict, comp, ks: list[int], temps: list[float]) -> dict:
     for sequence in data["sequences"].values():
         feats = features_of(sequence["cache"], comp)
         per_image = data["grid"][0] * data["grid"][1]
-        memory, queries = feats[:per_image], feats[per_image:]
-        if comp.pca:
-            pca = Pca(memory, min(comp.pca, per_image), comp.whiten)
-            memory, queries = pca(memory), pca(queries)
-        labels = sequence["counts"].reshape(-1, 2)
-        labels = labels / labels.sum(-1, keepdim=True).clamp_min(1e-12)
-        sims, ids = search(queries, memory, max(ks))
+        sims, ids = neighbours(feats[:per_image], feats[per_image:], comp, max(ks))  # memory: the first frame
+        labels = soft_labels(sequence["counts"].reshape(-1, 2))
         for k, t in per_sequence:
             cms = image_confusions(transfer_probs(sims, ids, labels, k, t), data["grid"], sequence["targets"], 2, 255)
             per_sequence[(k, t)].append(float(np.mean([jaccard(cm) for cm in cms])))

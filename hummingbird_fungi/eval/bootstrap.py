@@ -49,10 +49,8 @@ def paired_bootstrap(cms_a: np.ndarray, cms_b: np.ndarray, miou: MiouFunction = 
     cms_a, cms_b = np.asarray(cms_a, dtype=np.int64), np.asarray(cms_b, dtype=np.int64)
     if cms_a.ndim != 3 or cms_a.shape[1] != cms_a.shape[2] or cms_a.shape != cms_b.shape:
         raise ValueError(f"expected two (N, C, C) stacks of equal shape, got {cms_a.shape} and {cms_b.shape}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
     n = len(cms_a)
-    draws = _draws(n, n_resamples, seed, indices)
+    draws = _draws(n, n_resamples, seed, indices, level)
     differences = np.empty(len(draws))
     for r, ids in enumerate(draws):
         counts = np.bincount(ids, minlength=n)  # (N,) times each image is drawn
@@ -70,18 +68,18 @@ def paired_bootstrap_means(values_a: np.ndarray, values_b: np.ndarray, n_resampl
     values_a, values_b = np.asarray(values_a, dtype=np.float64), np.asarray(values_b, dtype=np.float64)
     if values_a.ndim != 1 or values_a.shape != values_b.shape:
         raise ValueError(f"expected two (N,) score vectors of equal shape, got {values_a.shape} and {values_b.shape}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), got {level}")
     n = len(values_a)
-    draws = _draws(n, n_resamples, seed, indices)
+    draws = _draws(n, n_resamples, seed, indices, level)
     differences = (values_b - values_a)[draws].mean(1)  # (R,)
     return {"difference": float(values_b.mean() - values_a.mean()), **_interval(differences, level),
             "mean_a": float(values_a.mean()), "mean_b": float(values_b.mean()), "level": level, "n_units": n,
             "n_resamples": len(draws), "seed": None if indices is not None else seed}
 
 
-def _draws(n: int, n_resamples: int, seed: int, indices: np.ndarray | None) -> np.ndarray:
-    """The (R, N) resampled ids: `indices` when given (checked), else a seeded draw."""
+def _draws(n: int, n_resamples: int, seed: int, indices: np.ndarray | None, level: float) -> np.ndarray:
+    """The (R, N) resampled ids: `indices` when given (checked), else a seeded draw; `level` checked first."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
     draws = resample_indices(n, n_resamples, seed) if indices is None else np.asarray(indices, dtype=np.int64)
     if draws.ndim != 2 or draws.min(initial=0) < 0 or draws.max(initial=0) >= n:
         raise ValueError(f"resample indices must be (R, N) ids in [0, {n}), got shape {draws.shape}")

@@ -23,7 +23,7 @@ from hummingbird_fungi.errors import ConfigError
 from hummingbird_fungi.eval.metrics import ConfusionMatrix
 from hummingbird_fungi.features.fungi_patch import combine
 from hummingbird_fungi.retrieval.indexes import build_index
-from hummingbird_fungi.retrieval.transfer import aggregate_labels, patch_probs_to_map, upsample_argmax
+from hummingbird_fungi.retrieval.transfer import patch_probs_to_map, upsample_argmax, vote
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,7 @@ def transfer_probs(sims: Tensor, ids: Tensor, labels: Tensor, k: int, temperatur
     """Label transfer from a top-K answer (Q, K) with K >= k: soft labels (M, C) -> class distributions (Q, C)."""
     if k > sims.shape[1]:
         raise ConfigError(f"k={k} exceeds the {sims.shape[1]} neighbours searched")
-    weights = torch.softmax(sims[:, :k] / temperature, dim=-1)  # (Q, k)
-    return aggregate_labels(weights, labels[ids[:, :k]].float())
+    return vote(sims[:, :k], labels[ids[:, :k]].float(), temperature)
 
 
 def image_confusions(probs: Tensor, grid: tuple[int, int], targets: Iterable[Tensor | np.ndarray],

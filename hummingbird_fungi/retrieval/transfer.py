@@ -31,6 +31,12 @@ def aggregate_labels(weights: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return torch.einsum("nk,nkc->nc", weights, labels)
 
 
+def vote(sims: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Neighbour cosines (n, k) (-inf: no neighbour) and their soft labels (n, k, C) -> class distributions (n, C),
+    weighted by softmax(cosine / temperature); a query without any neighbour gets an all-zero row."""
+    return aggregate_labels(torch.softmax(sims / temperature, dim=-1).nan_to_num(0.0), labels)
+
+
 class LabelTransfer:
     """Patch features -> class distributions by k-NN retrieval from a memory bank.
 
@@ -88,8 +94,7 @@ class LabelTransfer:
         batch, num, dim = features.shape
         flat = features.reshape(-1, dim).float().cpu()
         sims, ids = self.neighbours(flat)
-        weights = torch.softmax(sims / self.temperature, dim=-1).nan_to_num(0.0)  # no neighbour -> all-zero row
-        probs = aggregate_labels(weights, self.bank.gather_labels(ids))  # (BN, C)
+        probs = vote(sims, self.bank.gather_labels(ids), self.temperature)  # (BN, C)
         return probs.reshape(batch, num, -1)
 
 

@@ -42,7 +42,7 @@ from hummingbird_fungi.data.transforms import EvalTransform, read_image, read_ma
 from hummingbird_fungi.errors import ConfigError, DataError
 from hummingbird_fungi.eval.metrics import ConfusionMatrix, iou_per_class
 from hummingbird_fungi.fileio import make_dirs, save_image, write_json
-from hummingbird_fungi.retrieval.transfer import aggregate_labels, patch_probs_to_map, upsample_argmax
+from hummingbird_fungi.retrieval.transfer import patch_probs_to_map, upsample_argmax, vote
 from hummingbird_fungi.segment.folders import list_images, masks_by_stem, write_mask
 from hummingbird_fungi.segment.segmenter import InContextSegmenter
 from hummingbird_fungi.segment.visualize import overlay, overlay_with_legend, thumbnail
@@ -164,8 +164,7 @@ def frame_probs(segmenter: InContextSegmenter, features: torch.Tensor, memory: P
         sims, order = torch.cat([sims, extra[0]], dim=1).topk(transfer.k, dim=1)
         labels = torch.gather(torch.cat([labels, extra[1]], dim=1), 1,
                               order[..., None].expand(-1, -1, labels.shape[-1]))
-    weights = torch.softmax(sims / transfer.temperature, dim=-1).nan_to_num(0.0)  # no neighbour -> zero row
-    return aggregate_labels(weights, labels)
+    return vote(sims, labels, transfer.temperature)
 
 
 # --------------------------------------------------------------------------- a clip
