@@ -9,9 +9,10 @@ Two protocols:
   over sequences of each sequence's mean foreground IoU (J); intervals resample sequences.
 
 Each --grad NAME=KEY=VALUE,... is one FUNGI extraction (features.fungi options, e.g. layer=blocks.-1.mlp.fc2
-or objective=kl; without layer= the backbone's patch default, attn.qkv on ViTs); its token embeddings and projected gradients are extracted once per image and cached
-in --cache. Each --row is a composition of them (eval/study.py: 'NAME' = embeddings, or
-'NAME:grads=a+b,w=0.5,dims=96,pca=256,whiten') scored at every --k and --temperature from one search.
+or objective=kl; without layer= the backbone's patch default, attn.qkv on ViTs); its token embeddings
+and projected gradients are extracted once per image and cached in --cache. Each --row is a composition
+of them (eval/study.py: 'NAME' = embeddings, or 'NAME:grads=a+b,w=0.5,dims=96,pca=256,whiten') scored
+at every --k and --temperature from one search.
 Every row is compared with the row named 'embeddings' at the first --k and --temperature on the same
 memory, over the same resamples. Prints the tables and writes them as JSON.
 
