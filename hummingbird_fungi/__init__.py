@@ -23,6 +23,7 @@ _EXPORTS = {
     "load_backbone": "hummingbird_fungi.models.backbones",
     "build_dataset": "hummingbird_fungi.data.segmentation",
     "InContextSegmenter": "hummingbird_fungi.segment.segmenter",
+    "DataOptions": "hummingbird_fungi.config.schema",
     "FeatureOptions": "hummingbird_fungi.config.schema",
     "FungiOptions": "hummingbird_fungi.config.schema",
     "MemoryOptions": "hummingbird_fungi.config.schema",

@@ -196,3 +196,28 @@ def check_no_overlap(outputs: Mapping[str, str | Path | None], inputs: Mapping[s
                 link = f" (which resolves to {target})" if target != Path(out).absolute() else ""
                 raise ConfigError(f"refusing to write: {out_name} {out}{link} {relation} {in_name} {source}; "
                                   f"outputs would overwrite inputs, choose another location")
+
+
+def preflight(inputs: Mapping[str, tuple[str | Path | None, str]],
+              outputs: Mapping[str, tuple[str | Path | None, str]]) -> dict[str, Path]:
+    """Check paths before any model loads; {name: (path, kind)} with None paths skipped.
+
+    Inputs must exist as their kind ('dir' or 'file'; a root inside a tar archive, 'x.tar!/folder', stands for
+    the archive file), outputs must be writable as theirs ('dir' or 'file'), and no output may be, lie inside
+    or contain an input. Returns the checked input paths by name (archives for tar roots).
+    """
+    from hummingbird_fungi.data.archives import TarPath, as_path
+
+    checked: dict[str, Path] = {}
+    for name, (path, kind) in inputs.items():
+        if path is None:
+            continue
+        root = as_path(path) if kind == "dir" else Path(path)
+        if isinstance(root, TarPath):  # the archive is the input
+            root, kind = root.archive, "file"
+        check_input(root, name, kind)
+        checked[name] = Path(root)
+    for name, (path, kind) in outputs.items():
+        (check_output_file if kind == "file" else check_output_dir)(path, name)
+    check_no_overlap({name: path for name, (path, _) in outputs.items()}, checked)
+    return checked

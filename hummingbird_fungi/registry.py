@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, TypeVar
+import importlib
+from typing import Any, Callable, Generic, TypeVar
 
 from hummingbird_fungi.errors import ConfigError
 
@@ -24,12 +25,23 @@ class Registry(Generic[T]):
             return factory
         return add
 
+    def unregister(self, name: str) -> None:
+        """Remove the factory registered under `name` (KeyError if there is none)."""
+        del self._factories[name]
+
+    def check(self, name: str) -> str | None:
+        """What is wrong with `name` (unknown: a suggestion and the valid names), or None when it is registered."""
+        if name in self._factories:
+            return None
+        close = difflib.get_close_matches(str(name), list(self._factories), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown {self.what} {name!r}{hint}; choose one of {', '.join(self.names())}"
+
     def get(self, name: str) -> T:
         """The factory registered under `name`; ConfigError naming the valid names otherwise."""
-        if name not in self._factories:
-            close = difflib.get_close_matches(str(name), list(self._factories), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown {self.what} {name!r}{hint}; choose one of {', '.join(self.names())}")
+        problem = self.check(name)
+        if problem:
+            raise ConfigError(problem)
         return self._factories[name]
 
     def names(self) -> list[str]:
@@ -38,3 +50,10 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._factories
+
+
+def find_registry(where: str) -> Registry[Any]:
+    """The Registry at `where` ('package.module:NAME'), importing the module that fills it (at run time, so that
+    config/ can name registries of the layers above it without importing them)."""
+    module, _, name = where.partition(":")
+    return getattr(importlib.import_module(module), name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 import time
 from typing import Iterator
 
@@ -70,3 +71,18 @@ def timed(timings: dict[str, float] | None, name: str) -> Iterator[None]:
     yield
     synchronize()
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def versions() -> dict[str, str]:
+    """Library versions for results files (faiss and ScaNN when installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from hummingbird_fungi import __version__
+
+    found = {}
+    for package in ("torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu-cu12", "scann"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return {"hummingbird_fungi": __version__, **found, "python": platform.python_version()}

@@ -35,7 +35,7 @@ def crash_after(monkeypatch, shards: int) -> None:
 
 
 def test_damaged_shard_files_are_named_on_load(tmp_path):
-    build_memory_bank(ToyDataset(), PatchMeanFeatures(FakeBackbone()), spec(), path=tmp_path / "bank")
+    build_memory_bank(ToyDataset(), PatchMeanFeatures(FakeBackbone()), spec(path=str(tmp_path / "bank")))
     feats, labels = shard_files(tmp_path / "bank", "00001")
     good = feats.read_bytes()
     feats.write_bytes(good[:len(good) // 2])
@@ -55,7 +55,7 @@ def test_damaged_shard_files_are_named_on_load(tmp_path):
 
 def test_incomplete_manifests_and_unfinished_builds_are_named(tmp_path, monkeypatch):
     extractor = PatchMeanFeatures(FakeBackbone())
-    bank = build_memory_bank(ToyDataset(), extractor, spec(), path=tmp_path / "bank")
+    bank = build_memory_bank(ToyDataset(), extractor, spec(path=str(tmp_path / "bank")))
     manifest_file = tmp_path / "bank" / "manifest.json"
     manifest_file.write_text(json.dumps({k: v for k, v in bank.manifest.items() if k != "features"}))
     with pytest.raises(DataError, match=f"{manifest_file} lacks features"):
@@ -66,7 +66,7 @@ def test_incomplete_manifests_and_unfinished_builds_are_named(tmp_path, monkeypa
 
     crash_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        build_memory_bank(ToyDataset(), extractor, spec(), path=tmp_path / "other")
+        build_memory_bank(ToyDataset(), extractor, spec(path=str(tmp_path / "other")))
     with pytest.raises(DataError, match="unfinished memory-bank build.*rerun the build"):
         MemoryBank.load(partial_path(tmp_path / "other"))
     with pytest.raises(DataError, match="an interrupted build is in .*other.partial"):
@@ -75,17 +75,17 @@ def test_incomplete_manifests_and_unfinished_builds_are_named(tmp_path, monkeypa
 
 def test_resume_rebuilds_a_truncated_shard_and_drops_stale_temporary_files(tmp_path, monkeypatch, caplog):
     extractor = PatchMeanFeatures(FakeBackbone())
-    build_memory_bank(ToyDataset(), extractor, spec(), path=tmp_path / "full")
+    build_memory_bank(ToyDataset(), extractor, spec(path=str(tmp_path / "full")))
     crash_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        build_memory_bank(ToyDataset(), extractor, spec(), path=tmp_path / "resumed")
+        build_memory_bank(ToyDataset(), extractor, spec(path=str(tmp_path / "resumed")))
     monkeypatch.undo()
     partial = partial_path(tmp_path / "resumed")
     feats = shard_files(partial, "00001")[0]
     feats.write_bytes(feats.read_bytes()[:100])  # a crash of the storage, not of our writer
     stale = partial / "shards" / ".00003.labels.npy.tmp-dead0000.npy"
     stale.write_bytes(b"half a file of a killed writer")
-    build_memory_bank(ToyDataset(), extractor, spec(), path=tmp_path / "resumed")
+    build_memory_bank(ToyDataset(), extractor, spec(path=str(tmp_path / "resumed")))
     assert f"rebuilding shard 00001: memory-bank file {feats} is truncated" in caplog.text
     assert "rebuilding shard 00000" not in caplog.text and "rebuilding shard 00002" not in caplog.text
     assert files_of(tmp_path / "full") == files_of(tmp_path / "resumed")
@@ -108,10 +108,10 @@ def test_resume_rebuilds_the_shards_whose_files_changed(tmp_path, monkeypatch, c
     extractor = PatchMeanFeatures(FakeBackbone())
     crash_after(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
-        build_memory_bank(FileDataset(tmp_path / "data"), extractor, spec(), path=tmp_path / "bank")
+        build_memory_bank(FileDataset(tmp_path / "data"), extractor, spec(path=str(tmp_path / "bank")))
     monkeypatch.undo()
     (tmp_path / "data" / "mask4.png").write_bytes(b"an edited mask")  # image 4 lies in shards 1 (epoch 0) and 5
-    build_memory_bank(FileDataset(tmp_path / "data"), extractor, spec(), path=tmp_path / "bank")
+    build_memory_bank(FileDataset(tmp_path / "data"), extractor, spec(path=str(tmp_path / "bank")))
     rebuilt = [line for line in caplog.text.splitlines() if "rebuilding shard" in line]
     assert len(rebuilt) == 1 and "rebuilding shard 00001: its images or masks changed" in rebuilt[0]
     recorded = [shard["sources"] for shard in read_manifest(tmp_path / "bank")["shards"]]
@@ -124,8 +124,8 @@ def test_a_second_build_of_the_same_path_waits_for_the_first(tmp_path, caplog):
 
     def build(name: str) -> None:
         try:
-            results[name] = build_memory_bank(ToyDataset(), PatchMeanFeatures(FakeBackbone()), spec(),
-                                              path=tmp_path / name)
+            results[name] = build_memory_bank(ToyDataset(), PatchMeanFeatures(FakeBackbone()),
+                                              spec(path=str(tmp_path / name)))
         except DataError as exc:
             results[name] = exc
 
@@ -152,12 +152,12 @@ def test_a_second_build_of_the_same_path_waits_for_the_first(tmp_path, caplog):
 
 def test_a_bank_is_reused_only_for_its_recipe(tmp_path):
     extractor, dataset = PatchMeanFeatures(FakeBackbone()), ToyDataset()
-    build_memory_bank(dataset, extractor, spec(), path=tmp_path / "bank")
-    MemoryBank.load(tmp_path / "bank", expect_build=bank_manifest(dataset, extractor, spec()))
-    other = bank_manifest(ToyDataset(n=8), extractor, spec(seed=7, epochs=1), {"data": {"split": "x"}})
+    build_memory_bank(dataset, extractor, spec(path=str(tmp_path / "bank")))
+    MemoryBank.load(tmp_path / "bank", expect_build=bank_manifest(dataset, extractor, spec(), 0))
+    other = bank_manifest(ToyDataset(n=8), extractor, spec(augmentation_epochs=1), 7, {"data": {"split": "x"}})
     with pytest.raises(BankMismatchError, match="different settings") as error:
         MemoryBank.load(tmp_path / "bank", expect_build=other)
-    for key in ("num_images: bank=10, this run=8", "spec.seed: bank=0, this run=7", "spec.epochs", "data: bank=None"):
+    for key in ("num_images: bank=10, this run=8", "spec.seed: bank=0, this run=7", "spec.augmentation_epochs", "data: bank=None"):
         assert key in str(error.value)
     bank = MemoryBank.load(tmp_path / "bank")
     assert np.isfinite(np.concatenate(bank.feature_blocks)).all()

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from hummingbird_fungi.eval.bootstrap import dataset_miou, paired_bootstrap, paired_bootstrap_means, resample_indices
+from hummingbird_fungi.eval.bootstrap import (compare, dataset_miou, paired_bootstrap, paired_bootstrap_means,
+                                              resample_indices)
 
 # per-image (2, 2) confusion matrices, rows ground truth, columns prediction
 CMS_A = np.array([[[3, 1], [0, 4]],   # IoUs 3/4, 4/5
@@ -64,3 +65,11 @@ def test_means_interval_matches_the_hand_computation():
     assert result["excludes_zero"] and result["n_units"] == 3
     with pytest.raises(ValueError, match="resample indices"):
         paired_bootstrap_means(a, b, indices=np.array([[0, 1, 3]]))
+
+
+def test_compare_reads_matrices_as_mious_and_vectors_as_means():
+    matrices = compare(CMS_A, CMS_B, INDICES)
+    assert matrices["b"] == pytest.approx(11 / 13) and matrices["difference"] == pytest.approx(11 / 13 - 55 / 84)
+    assert matrices["n_resamples"] == 5 and matrices["miou_a"] == pytest.approx(55 / 84)
+    means = compare(np.array([0.5, 0.8, 0.2]), np.array([0.6, 0.8, 0.5]), INDICES)
+    assert means["b"] == pytest.approx(1.9 / 3) and means["difference"] == pytest.approx(0.4 / 3)

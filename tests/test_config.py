@@ -17,7 +17,7 @@ from hummingbird_fungi.config.schema import (
 )
 from hummingbird_fungi.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "hummingbird_fungi" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_overrides_parse_yaml_values_into_typed_sections():

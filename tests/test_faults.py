@@ -14,8 +14,9 @@ import yaml
 from PIL import Image
 
 from hummingbird_fungi.cli.main import main
+from hummingbird_fungi.config.schema import RetrievalOptions
 from hummingbird_fungi.errors import DataError
-from hummingbird_fungi.memory.bank import manifest_json
+from hummingbird_fungi.memory.bank import FORMAT_VERSION, manifest_json
 from hummingbird_fungi.segment.segmenter import InContextSegmenter
 from test_pipeline import TINY, corrupt
 from test_segmenter import CLI_MODEL, toy_scene
@@ -65,8 +66,8 @@ def no_model(monkeypatch):
     """Fail the test if a model is loaded: the paths must be checked before."""
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the paths were checked")
-    monkeypatch.setattr("hummingbird_fungi.segment.segmenter.make_encoder", refuse)
-    monkeypatch.setattr("hummingbird_fungi.eval.hbird.config_encoder", refuse)
+    monkeypatch.setattr("hummingbird_fungi.segment.segmenter.create_encoder", refuse)
+    monkeypatch.setattr("hummingbird_fungi.eval.hbird.create_encoder", refuse)
 
 
 def segment(*args: object) -> int:
@@ -112,7 +113,7 @@ def test_config_outputs_onto_inputs_are_refused_before_any_model(toy_dataset, tm
     bank = tmp_path / "bank"  # a sealed bank's manifest is all the checks read
     bank.mkdir()
     (bank / "manifest.json").write_bytes(manifest_json({
-        "format_version": 1, "features": {"kind": "embeddings", "backbone": "x", "options": {}},
+        "format_version": FORMAT_VERSION, "features": {"kind": "embeddings", "backbone": "x", "options": {}},
         "input_size": [64, 64], "num_classes": 3, "shards": [], "count": 0}))
     before = digest(toy_dataset, weights, bank)
     run = [*TINY, f"data.root={toy_dataset}"]
@@ -177,7 +178,7 @@ def test_output_and_input_locations_are_checked_before_any_model(toy_dataset, tm
     file.write_text("a file")
     damaged = tmp_path / "damaged_bank"
     damaged.mkdir()
-    (damaged / "manifest.json").write_text(json.dumps({"format_version": 1, "shards": [], "count": 0}))
+    (damaged / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "shards": [], "count": 0}))
     before = digest(toy_dataset, examples, val, file)
     run = [*TINY, f"data.root={toy_dataset}"]
     long_name = tmp_path / ("x" * 300 + ".json")
@@ -282,7 +283,7 @@ def test_ids_past_the_label_space_are_refused_or_counted(tmp_path, examples, val
     spec.write_text(yaml.safe_dump({"classes": ["blue", "red", "green"]}))  # no ignore_index given
     options = {"backbone": "vit_tiny_patch16_224", "pretrained": False,
                "backbone_kwargs": {"depth": 2, "patch_size": 8},
-               "input_size": (48, 64), "device": "cpu", "k": 5}
+               "input_size": (48, 64), "device": "cpu", "retrieval": RetrievalOptions(k=5)}
     with pytest.raises(DataError, match=r"e0.png.*\[3\]"):
         InContextSegmenter.from_examples(images, masks, dataset_yaml=spec, **options)
     spec.write_text(yaml.safe_dump({"classes": ["blue", "red", "green"], "ignore_index": 3}))
@@ -310,7 +311,7 @@ def test_saved_bank_is_not_reused_for_another_recipe(toy_dataset, tmp_path, caps
     assert main(["build-memory", *run, "memory.size=8"]) == 0
     before = digest(toy_dataset, bank)
     refused(main(["hbird", "--out", str(tmp_path / "r.json"), *run, "memory.size=null", "seed=7"]), capsys,
-            "different settings", "spec.memory_size", "spec.seed", "patches_per_image")
+            "different settings", "spec.size", "spec.seed", "patches_per_image")
     refused(main(["evaluate", *run, "memory.size=8", "data.subset=3"]), capsys,
             "data.subset", "files", "num_images")
     assert not (tmp_path / "r.json").exists()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hummingbird_fungi import (
+    DataOptions,
     FeatureOptions,
     InContextSegmenter,
     MemoryOptions,
@@ -26,8 +27,7 @@ from hummingbird_fungi.testing import TinyCNN, patch_token_fn, tiny_timm_vit, ti
 E = 32  # width of the tiny models
 OHE = {"dataset_name": "folder", "input_size": 64, "batch_size": 3, "num_workers": 0, "nn_method": "torch",
        "n_neighbours": 5, "memory_size": None, "device": "cpu"}
-PLAIN = {"memory": MemoryOptions(size=None, augment=False), "normalize": "imagenet",
-         "transfer": TransferOptions(temperature=0.1)}
+PLAIN = {"memory": MemoryOptions(size=None, augment=False), "transfer": TransferOptions(temperature=0.1)}
 
 
 @pytest.mark.parametrize("kind", ["timm", "torchvision", "cnn", "feature_fn"])
@@ -56,7 +56,7 @@ def test_hbird_evaluation_is_evaluate_with_ohe_defaults(toy_dataset):
     direct = evaluate(encoder, build_dataset("folder", toy_dataset, "train"),
                       build_dataset("folder", toy_dataset, "val"),
                       input_size=64, memory=MemoryOptions(size=None), retrieval=RetrievalOptions(k=5),
-                      batch_size=3, device="cpu", seed=3)
+                      data=DataOptions(batch_size=3), device="cpu", seed=3)
     assert wrapped["miou"] == direct["miou"] and wrapped["per_class_iou"] == direct["per_class_iou"]
     # a CNN's map flattened by hand as an OHE feature function gives the very same evaluation
     by_hand = CallableEncoder(encoder.model, lambda m, x: m(x).flatten(2).transpose(1, 2), patch_size=16, embed_dim=E)
@@ -103,7 +103,8 @@ def test_native_api_cli_and_segmenter_agree(toy_dataset, tmp_path):
     torch.manual_seed(0)
     encoder = load_backbone("vit_tiny_patch16_224", pretrained=False)
     native = evaluate(encoder, build_dataset("folder", toy_dataset, "train"),
-                      build_dataset("folder", toy_dataset, "val"), input_size=64, batch_size=3,
+                      build_dataset("folder", toy_dataset, "val"), input_size=64,
+                      data=DataOptions(normalize="imagenet", batch_size=3),
                       retrieval=RetrievalOptions(k=5), **PLAIN)
 
     out = tmp_path / "cli.json"
@@ -117,7 +118,9 @@ def test_native_api_cli_and_segmenter_agree(toy_dataset, tmp_path):
     masks = [[toy_dataset / "annotations" / p.parent.name / p.name for p in files] for files in (train, val)]
     segmenter = InContextSegmenter.from_examples(train, masks[0], backbone=encoder.model, input_size=(64, 64),
                                                  num_classes=3, ignore_index=3, class_names=["sky", "road", "car"],
-                                                 k=5, temperature=0.1, batch_size=3, device="cpu")
+                                                 retrieval=RetrievalOptions(k=5),
+                                                 transfer=TransferOptions(temperature=0.1),
+                                                 data=DataOptions(normalize="imagenet", batch_size=3), device="cpu")
     seg = segmenter.evaluate(val, masks[1], batch_size=3)
 
     assert cli["miou"] == pytest.approx(native["miou"], abs=1e-12) and seg["miou"] == pytest.approx(native["miou"],

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
 import time
-import types
 
 import numpy as np
 import pytest
@@ -19,9 +16,10 @@ from hummingbird_fungi.config.loader import load_config
 from hummingbird_fungi.config.schema import KnnConfig, KnnOptions
 from hummingbird_fungi.data.classification import load_classification, load_digits, stratified_split
 from hummingbird_fungi.errors import ConfigError, DataError
-from hummingbird_fungi.eval.knn import classification_metrics, few_shot_indices, fit_pca, knn_predict, reduce
+from hummingbird_fungi.eval.knn import classification_metrics, few_shot_indices, knn_predict, reduce
 from hummingbird_fungi.eval.knn_run import combinations, format_table, run_knn
 from hummingbird_fungi.features.cache import FeatureCache
+from hummingbird_fungi.features.pca import Pca
 from test_fungi_image import TinyBackbone
 
 
@@ -74,9 +72,9 @@ def test_pca_matches_sklearn_up_to_sign() -> None:
     train, _ = clustered(200, 24, 3, seed=4)
     test, _ = clustered(50, 24, 3, seed=5)
     reference = PCA(n_components=8, svd_solver="full", random_state=42).fit(train)
-    mean, components = fit_pca(torch.from_numpy(train), 8)
-    signs = np.sign((components.numpy() * reference.components_).sum(1))
-    assert np.allclose(components.numpy() * signs[:, None], reference.components_, atol=1e-4)
+    components = Pca.fit(torch.from_numpy(train), 8).axes.T.numpy()  # (8, D)
+    signs = np.sign((components * reference.components_).sum(1))
+    assert np.allclose(components * signs[:, None], reference.components_, atol=1e-4)
     ours = reduce(torch.from_numpy(train), torch.from_numpy(test), 8)[1].numpy()
     assert np.allclose(ours * signs, reference.transform(test), atol=1e-3)
 
@@ -163,6 +161,17 @@ def test_feature_cache_recomputes_bad_chunks_and_rejects_foreign_manifest(tmp_pa
         FeatureCache(tmp_path, ("a", "b", "c", "d"), {"x": 1}, 4, 2, chunk_size=2)
 
 
+def test_feature_cache_stores_its_dtype_under_its_own_key(tmp_path) -> None:
+    data = np.linspace(0, 1, 12, dtype=np.float32).reshape(6, 2)
+    half = FeatureCache(tmp_path, ("a", "b"), {"x": 1}, 6, 2, chunk_size=4, dtype="float16")
+    for index, start, stop in list(half.missing()):
+        half.put(index, data[start:stop])
+    assert half.load().dtype == np.float16 and np.array_equal(half.load(), data.astype(np.float16))
+    assert half.manifest["dtype"] == "float16"
+    single = FeatureCache(tmp_path, ("a", "b"), {"x": 1}, 6, 2, chunk_size=4)  # float32: the manifest of before
+    assert single.path != half.path and "dtype" not in single.manifest and single.missing_rows() == 6
+
+
 def test_feature_cache_in_memory() -> None:
     cache = FeatureCache(None, ("a",), {}, 3, 2, chunk_size=2)
     cache.put(0, np.ones((2, 2))), cache.put(1, np.zeros((1, 2)))
@@ -219,14 +228,8 @@ def test_imagefolder_and_missing_datasets(tmp_path) -> None:
 
 @pytest.fixture
 def tiny_backbones(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make `load_backbone` return a tiny random ViT (whether or not backbones.py exists yet)."""
-    name = "hummingbird_fungi.models.backbones"
-    try:
-        module = importlib.import_module(name)
-    except ImportError:
-        module = types.ModuleType(name)
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(module, "load_backbone", lambda *args, **kwargs: TinyBackbone(), raising=False)
+    """Make named backbones (`create_encoder("name")` loads them with `load_backbone`) tiny random ViTs."""
+    monkeypatch.setattr("hummingbird_fungi.models.factory.load_backbone", lambda *args, **kwargs: TinyBackbone())
 
 
 def tiny_config(tmp_path) -> KnnConfig:

@@ -11,7 +11,8 @@ import hummingbird_fungi.memory.build as mb
 from hummingbird_fungi.errors import BankMismatchError, DataError
 from hummingbird_fungi.features.base import PatchFeatures, select_patches
 from hummingbird_fungi.memory.bank import MemoryBank
-from hummingbird_fungi.memory.build import BankSpec, build_memory_bank
+from hummingbird_fungi.config.schema import MemoryOptions
+from hummingbird_fungi.memory.build import build_memory_bank
 
 
 @dataclass
@@ -81,8 +82,9 @@ class ToyDataset(torch.utils.data.Dataset):
 
 
 def spec(**kw):
-    return BankSpec(**{"memory_size": 40, "epochs": 2, "shard_images": 3, "dtype": "float32",
-                       "label_dtype": "float32", **kw})
+    """Memory options of the toy banks: 40 rows, 2 augmentation epochs, 3 images per shard, float32."""
+    return MemoryOptions(**{"size": 40, "augmentation_epochs": 2, "shard_images": 3, "dtype": "float32",
+                            "label_dtype": "float32", **kw})
 
 
 def test_in_ram_bank_shape_and_labels():
@@ -97,7 +99,7 @@ def test_in_ram_bank_shape_and_labels():
 
 def test_save_load_round_trip_and_gather(tmp_path):
     ram = build_memory_bank(ToyDataset(), PatchMeanFeatures(FakeBackbone()), spec())
-    disk = build_memory_bank(ToyDataset(), PatchMeanFeatures(FakeBackbone()), spec(), path=tmp_path / "bank")
+    disk = build_memory_bank(ToyDataset(), PatchMeanFeatures(FakeBackbone()), spec(path=str(tmp_path / "bank")))
     assert not (tmp_path / "bank.partial").exists()
     assert disk.count == ram.count and len(disk.feature_blocks) == 8  # ceil(10/3) shards x 2 epochs
     ids = torch.tensor([[0, 39], [17, 5]])
@@ -109,21 +111,21 @@ def test_save_load_round_trip_and_gather(tmp_path):
 
 def test_mismatched_bank_is_refused(tmp_path):
     extractor = PatchMeanFeatures(FakeBackbone())
-    build_memory_bank(ToyDataset(), extractor, spec(), path=tmp_path / "bank")
+    build_memory_bank(ToyDataset(), extractor, spec(path=str(tmp_path / "bank")))
     MemoryBank.load(tmp_path / "bank", expect_features=extractor.manifest())
     other = PatchMeanFeatures(FakeBackbone(weights_id="file:abc"), scale=2.0)
     with pytest.raises(BankMismatchError, match="weights") as err:
         MemoryBank.load(tmp_path / "bank", expect_features=other.manifest())
     assert "scale" in str(err.value)
     with pytest.raises(DataError, match="already exists"):
-        build_memory_bank(ToyDataset(), extractor, spec(), path=tmp_path / "bank")
+        build_memory_bank(ToyDataset(), extractor, spec(path=str(tmp_path / "bank")))
     with pytest.raises(DataError, match="missing"):
         MemoryBank.load(tmp_path / "nothing")
 
 
 def test_interrupted_build_resumes_to_identical_files(tmp_path, monkeypatch):
     extractor = PatchMeanFeatures(FakeBackbone())
-    build_memory_bank(ToyDataset(), extractor, spec(), path=tmp_path / "full")
+    build_memory_bank(ToyDataset(), extractor, spec(path=str(tmp_path / "full")))
 
     real = mb._extract_shard
     calls = {"n": 0}
@@ -136,11 +138,11 @@ def test_interrupted_build_resumes_to_identical_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mb, "_extract_shard", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
-        build_memory_bank(ToyDataset(), extractor, spec(), path=tmp_path / "resumed")
+        build_memory_bank(ToyDataset(), extractor, spec(path=str(tmp_path / "resumed")))
     assert (tmp_path / "resumed.partial").exists() and not (tmp_path / "resumed").exists()
     monkeypatch.setattr(mb, "_extract_shard", real)
     calls["n"] = 0
-    build_memory_bank(ToyDataset(), extractor, spec(), path=tmp_path / "resumed")
+    build_memory_bank(ToyDataset(), extractor, spec(path=str(tmp_path / "resumed")))
     full = sorted(p.relative_to(tmp_path / "full") for p in (tmp_path / "full").rglob("*") if p.is_file())
     resumed = sorted(p.relative_to(tmp_path / "resumed") for p in (tmp_path / "resumed").rglob("*") if p.is_file())
     assert full == resumed
@@ -151,19 +153,19 @@ def test_interrupted_build_resumes_to_identical_files(tmp_path, monkeypatch):
 def test_partial_build_of_other_config_is_not_mixed(tmp_path, monkeypatch):
     monkeypatch.setattr(mb, "_extract_shard", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        build_memory_bank(ToyDataset(), PatchMeanFeatures(FakeBackbone()), spec(), path=tmp_path / "b")
+        build_memory_bank(ToyDataset(), PatchMeanFeatures(FakeBackbone()), spec(path=str(tmp_path / "b")))
     monkeypatch.undo()
     with pytest.raises(DataError, match="different unfinished build"):
-        build_memory_bank(ToyDataset(), PatchMeanFeatures(FakeBackbone(), scale=3.0), spec(), path=tmp_path / "b")
+        build_memory_bank(ToyDataset(), PatchMeanFeatures(FakeBackbone(), scale=3.0), spec(path=str(tmp_path / "b")))
 
 
 def test_subsampling_an_unbounded_bank_equals_a_bounded_build():
     from hummingbird_fungi.memory.build import subsample_bank
 
     extractor = PatchMeanFeatures(FakeBackbone())
-    full = build_memory_bank(ToyDataset(), extractor, spec(memory_size=None))
+    full = build_memory_bank(ToyDataset(), extractor, spec(size=None))
     assert full.count == 10 * 2 * 6  # 8x12 images, patch 4 -> 6 patches
-    direct = build_memory_bank(ToyDataset(), extractor, spec(memory_size=40))
+    direct = build_memory_bank(ToyDataset(), extractor, spec(size=40))
     derived = subsample_bank(full, 2)
     assert np.array_equal(np.concatenate(direct.feature_blocks), np.concatenate(derived.feature_blocks))
     assert np.array_equal(np.concatenate(direct.label_blocks), np.concatenate(derived.label_blocks))
@@ -181,7 +183,7 @@ def test_row_images_name_the_image_of_every_row(tmp_path):
             seen.append(image_ids.repeat_interleave(out.shape[1]))  # the ids the builder passed
             return out
 
-    bank = build_memory_bank(ToyDataset(), Recording(FakeBackbone()), spec(), path=tmp_path / "bank")
+    bank = build_memory_bank(ToyDataset(), Recording(FakeBackbone()), spec(path=str(tmp_path / "bank")))
     assert torch.equal(bank.row_images(), torch.cat(seen))
     assert bank.row_images()[:6].tolist() == [0, 0, 1, 1, 2, 2] and bank.row_images()[20:22].tolist() == [0, 0]
     with pytest.raises(DataError, match="which image"):

@@ -11,6 +11,7 @@ from PIL import Image
 
 from hummingbird_fungi.models.backbones import load_backbone
 from hummingbird_fungi.cli.main import main
+from hummingbird_fungi.config.schema import FeatureOptions, RetrievalOptions
 from hummingbird_fungi.errors import BankMismatchError, ConfigError
 from hummingbird_fungi.segment.segmenter import InContextSegmenter, as_rgb, default_input_size, label_space
 
@@ -47,7 +48,7 @@ def segmenter(examples) -> InContextSegmenter:
     images = sorted((examples / "images").iterdir())
     masks = [examples / "masks" / p.name for p in images]
     return InContextSegmenter.from_examples(images, masks, backbone="vit_tiny_patch16_224", pretrained=False,
-                                            backbone_kwargs=TINY, input_size=INPUT, device="cpu", k=10)
+                                            backbone_kwargs=TINY, input_size=INPUT, device="cpu", retrieval=RetrievalOptions(k=10))
 
 
 CLI_MODEL = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--backbone-option", "depth=2",
@@ -147,7 +148,7 @@ def test_ground_truth_adds_metrics(examples, tmp_path):
 
 def test_saved_bank_round_trip_and_mismatch_refused(segmenter, examples, tmp_path):
     path = segmenter.save(tmp_path / "bank")
-    loaded = InContextSegmenter.from_memory(path, device="cpu", k=10)
+    loaded = InContextSegmenter.from_memory(path, device="cpu", retrieval=RetrievalOptions(k=10))
     image, _ = toy_scene(41, 59, 0.5)
     assert np.array_equal(loaded.predict(image), segmenter.predict(image))
     other = load_backbone("vit_small_patch16_224", pretrained=False, depth=1, patch_size=8)
@@ -165,11 +166,12 @@ def test_fungi_features_segment_and_reload(examples, tmp_path):
     images = sorted((examples / "images").iterdir())[:2]
     masks = [examples / "masks" / p.name for p in images]
     seg = InContextSegmenter.from_examples(images, masks, backbone="vit_tiny_patch16_224", pretrained=False,
-                                           backbone_kwargs=TINY, input_size=(48, 64), device="cpu", k=5,
-                                           features="fungi", feature_options={"head_dim": 16})
+                                           backbone_kwargs=TINY, input_size=(48, 64), device="cpu", retrieval=RetrievalOptions(k=5),
+                                           features=FeatureOptions.from_mapping({"kind": "fungi",
+                                                                                 "fungi": {"head_dim": 16}}))
     image, mask = toy_scene(37, 53, 0.5)
     assert (seg.predict(image) == mask).mean() > 0.8
-    loaded = InContextSegmenter.from_memory(seg.save(tmp_path / "bank"), device="cpu", k=5)
+    loaded = InContextSegmenter.from_memory(seg.save(tmp_path / "bank"), device="cpu", retrieval=RetrievalOptions(k=5))
     assert np.array_equal(loaded.predict(image), seg.predict(image))
 
 
@@ -177,17 +179,18 @@ def test_fungi_support_set_is_saved_with_the_bank(examples, tmp_path):
     images = sorted((examples / "images").iterdir())
     masks = [examples / "masks" / p.name for p in images]
     seg = InContextSegmenter.from_examples(images, masks, backbone="vit_tiny_patch16_224", pretrained=False,
-                                           backbone_kwargs=TINY, input_size=(48, 64), device="cpu", k=5,
-                                           features="fungi", feature_options={"head_dim": 16, "negatives": "support"})
+                                           backbone_kwargs=TINY, input_size=(48, 64), device="cpu", retrieval=RetrievalOptions(k=5),
+                                           features=FeatureOptions.from_mapping(
+                                               {"kind": "fungi", "fungi": {"head_dim": 16, "negatives": "support"}}))
     path = seg.save(tmp_path / "bank")
     assert (path / "support_features.npy").is_file() and (path / "support_images.npy").is_file()
-    loaded = InContextSegmenter.from_memory(path, device="cpu", k=5)
+    loaded = InContextSegmenter.from_memory(path, device="cpu", retrieval=RetrievalOptions(k=5))
     image, _ = toy_scene(37, 53, 0.5)
     assert np.array_equal(loaded.predict_proba(image), seg.predict_proba(image))
     assert torch.equal(loaded.bank.row_images(), seg.bank.row_images())  # the shards keep their image ranges
     (path / "support_features.npy").unlink()
     with pytest.raises(ConfigError, match="support_features.npy"):
-        InContextSegmenter.from_memory(path, device="cpu", k=5)
+        InContextSegmenter.from_memory(path, device="cpu", retrieval=RetrievalOptions(k=5))
 
 
 def test_label_space_and_input_size():
@@ -207,5 +210,5 @@ def test_bank_from_build_memory_keeps_its_void_id(toy_dataset, tmp_path):
                  "model.pretrained=false", "model.input_size=[64,64]", "data.kind=folder", f"data.root={toy_dataset}",
                  "data.train_split=train", "data.num_workers=0", "memory.size=40", f"memory.path={bank}"]) == 0
     net = load_backbone("vit_tiny_patch16_224", pretrained=False)  # the random ViT the bank was built with
-    seg = InContextSegmenter.from_memory(bank, backbone=net, device="cpu", k=5)
+    seg = InContextSegmenter.from_memory(bank, backbone=net, device="cpu", retrieval=RetrievalOptions(k=5))
     assert seg.ignore_index == VOID and seg.confusion_matrix().ignore_index == VOID

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hummingbird_fungi.memory.bank import BankWriter, MemoryBank, read_manifest, shard_files, shard_name
-from hummingbird_fungi.memory.build import BankSpec
+from hummingbird_fungi.config.schema import MemoryOptions
+from hummingbird_fungi.memory.build import bank_recipe
 from hummingbird_fungi.retrieval.indexes import Index, build_index
 from hummingbird_fungi.retrieval.transfer import LabelTransfer
 
@@ -155,7 +156,7 @@ def synthetic_shard(args: argparse.Namespace, model: tuple, number: int, rows: i
 def bank_manifest(args: argparse.Namespace, bounds: list[tuple[int, int]]) -> tuple[dict, list[dict]]:
     """The synthetic bank's manifest for `BankWriter` (layout `MemoryBank.load` reads) and its shard list."""
     per_image = args.patches_per_image
-    spec = BankSpec(memory_size=args.rows, shard_images=args.shard_images, seed=args.seed, sampling="uniform")
+    memory = MemoryOptions(size=args.rows, shard_images=args.shard_images, sampling="uniform", augment=False)
     shards = [{"name": shard_name(n), "epoch": 0, "images": [start // per_image, -(-end // per_image)],
                "rows": end - start} for n, (start, end) in enumerate(bounds)]
     return {
@@ -169,7 +170,7 @@ def bank_manifest(args: argparse.Namespace, bounds: list[tuple[int, int]]) -> tu
         "dataset": "synthetic",
         "num_images": -(-args.rows // per_image),
         "patches_per_image": per_image,
-        "spec": spec.as_dict(),
+        "spec": bank_recipe(memory, args.seed, void_to_background=True),
     }, shards
 
 

@@ -24,15 +24,16 @@ from hummingbird_fungi.config.loader import load_config
 from hummingbird_fungi.config.schema import HbirdConfig
 from hummingbird_fungi.data.segmentation import SegmentationDataset, collate
 from hummingbird_fungi.data.transforms import EvalTransform
-from hummingbird_fungi.eval.hbird import (build_memory, config_dataset, config_encoder, input_size_for,
-                                          make_transfer, metric_summary, versions)
-from hummingbird_fungi.eval.metrics import ConfusionMatrix
+from hummingbird_fungi.eval.hbird import config_dataset
+from hummingbird_fungi.eval.metrics import ConfusionMatrix, metric_summary
 from hummingbird_fungi.features import PatchFeatures
 from hummingbird_fungi.fileio import write_json
-from hummingbird_fungi.memory.build import subsample_bank
+from hummingbird_fungi.memory.build import build_memory, subsample_bank
 from hummingbird_fungi.memory.labels import patches_per_image
-from hummingbird_fungi.retrieval.transfer import predict_masks
-from hummingbird_fungi.runtime import resolve_device
+from hummingbird_fungi.models.factory import create_encoder
+from hummingbird_fungi.retrieval.predict import QueryBatch, predict
+from hummingbird_fungi.retrieval.transfer import LabelTransfer
+from hummingbird_fungi.runtime import resolve_device, versions
 
 # every variant fills an unbounded, unaugmented bank in RAM; smaller banks are drawn from it
 FULL_BANK = ["memory.size=null", "memory.augment=false", "memory.path=null"]
@@ -63,13 +64,13 @@ def eval_features(config: HbirdConfig, extractor: PatchFeatures, dataset: Segmen
 
 def score(config: HbirdConfig, bank, feats, masks, info, grid) -> dict:
     """mIoU of the eval features against `bank`."""
-    transfer = make_transfer(bank, config.retrieval, config.transfer)
+    transfer = LabelTransfer.from_options(bank, config.retrieval, config.transfer)
     cm = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
-    for batch_feats, batch_masks in zip(feats, masks):
-        preds = predict_masks(transfer, batch_feats, grid, [tuple(m.shape) for m in batch_masks],
-                              config.transfer.class_chunk)
-        for pred, target in zip(preds, batch_masks):
-            cm.update(pred, target)
+    batches = (QueryBatch(grid, [tuple(m.shape) for m in batch_masks], features=batch_feats, targets=list(batch_masks))
+               for batch_feats, batch_masks in zip(feats, masks))
+    for prediction in predict(batches, transfer, ignore_index=info.ignore_index,
+                              class_chunk=config.transfer.class_chunk):
+        cm.matrix += prediction.confusions[transfer.setting]
     return metric_summary(cm, info.class_names, info.ignore_index)
 
 
@@ -88,8 +89,10 @@ def main() -> None:
     overrides = args.overrides + FULL_BANK
     base = load_config(args.config, overrides)
     device = resolve_device(base.device)
-    encoder = config_encoder(base, device)
-    input_size = input_size_for(encoder, base.model.input_size)
+    model = base.model
+    encoder = create_encoder(model.name, weights=model.weights, pretrained=model.pretrained, device=device,
+                             seed=base.seed)
+    input_size = encoder.input_size(model.input_size)
     train, evaluation = config_dataset(base, "train"), config_dataset(base, "eval")
     rules = args.sampling or ["label_aware"]
     report = {"rows": [], "config": base.to_dict(), "versions": versions()}

@@ -13,12 +13,14 @@ rebuilds smaller banks from the same examples for the mIoU-vs-memory-size plot. 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
 from hummingbird_fungi.fileio import write_json
 from hummingbird_fungi.segment.folders import list_images, segment_folder, segmenter_from_folder, sweep_and_plot
+from hummingbird_fungi.segment.segmenter import SEGMENT_DATA, SEGMENT_FEATURES, SEGMENT_MEMORY
 
 log = logging.getLogger("segment_camvid")
 
@@ -63,8 +65,9 @@ def main() -> None:
     start = time.perf_counter()
     examples = link_examples(opts.root, opts.out, opts.num_examples)
     val_images, val_masks = opts.root / "images" / "val", opts.root / "annotations" / "val"
-    options = {"backbone": opts.backbone, "weights": opts.weights, "features": opts.features,
-               "batch_size": opts.batch_size}
+    options = {"backbone": opts.backbone, "weights": opts.weights,
+               "features": dataclasses.replace(SEGMENT_FEATURES, kind=opts.features),
+               "data": dataclasses.replace(SEGMENT_DATA, batch_size=opts.batch_size)}
     segmenter, failed = segmenter_from_folder(examples, **options)
     summary = segment_folder(segmenter, val_images, opts.out, val_masks, opts.batch_size,
                              record={"examples": str(examples), "failed_examples": failed})
@@ -75,7 +78,7 @@ def main() -> None:
     label = f"{opts.backbone} {opts.features}, {opts.num_examples} examples"
     points = sweep_and_plot(
         lambda size: segmenter_from_folder(examples, **{**options, "backbone": segmenter.backbone},
-                                           memory_size=size)[0],
+                                           memory=dataclasses.replace(SEGMENT_MEMORY, size=size))[0],
         summary, val_images, val_masks, [int(d) for d in opts.sweep.split(",") if d],
         opts.out / "miou_vs_memory.png", label, opts.batch_size, title="CamVid val: mIoU vs memory size")
     metrics = summary["metrics"]

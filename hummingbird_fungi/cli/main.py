@@ -7,15 +7,17 @@ each command imports what it runs.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from hummingbird_fungi import __version__
 from hummingbird_fungi.cli.output import print_metrics, setup_logging, write_results
 from hummingbird_fungi.errors import BankMismatchError, ConfigError, DataError
+from hummingbird_fungi.registry import Registry
 
 log = logging.getLogger("hummingbird_fungi")
 EXAMPLES = {
@@ -80,14 +82,56 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     write_results(results, args.out)
 
 
+def print_names(rows: dict[str, str], indent: str = "") -> None:
+    """One `name  description` line per row, descriptions aligned."""
+    width = max(map(len, rows), default=0)
+    for name, description in rows.items():
+        print(f"{indent}{name:<{width}}  {description}".rstrip())
+
+
 def cmd_configs(args: argparse.Namespace) -> None:
     """List the shipped presets with what each is for."""
     from hummingbird_fungi.config.loader import preset_description, presets
 
-    shipped = presets()
-    width = max(len(name) for name in shipped)
-    for name, path in shipped.items():
-        print(f"{name:<{width}}  {preset_description(path)}")
+    print_names({name: preset_description(path) for name, path in presets().items()})
+
+
+def registries(what: str) -> dict[str, Registry[Any]]:
+    """The registries behind `hbfungi list WHAT` (datasets, backends, objectives, features), by label."""
+    from hummingbird_fungi.data.classification import CLASSIFICATION_DATASETS
+    from hummingbird_fungi.data.segmentation import SEGMENTATION_DATASETS
+    from hummingbird_fungi.features import PATCH_FEATURES
+    from hummingbird_fungi.features.fungi_image import IMAGE_OBJECTIVES
+    from hummingbird_fungi.features.fungi_patch import PATCH_OBJECTIVES
+    from hummingbird_fungi.retrieval.indexes import BACKENDS
+
+    return {
+        "datasets": {"segmentation (data.kind of hbird, build-memory, evaluate)": SEGMENTATION_DATASETS,
+                     "classification (data.kind of knn)": CLASSIFICATION_DATASETS},
+        "backends": {"retrieval.backend": BACKENDS},
+        "objectives": {"patch (features.fungi.objective)": PATCH_OBJECTIVES,
+                       "image (features.objectives of knn)": IMAGE_OBJECTIVES},
+        "features": {"features.kind": PATCH_FEATURES},
+    }[what]
+
+
+def summary(factory: object) -> str:
+    """The first paragraph of a registered factory's docstring, on one line ('' if it has none)."""
+    doc = inspect.getdoc(getattr(factory, "func", factory)) or ""  # a functools.partial: its function's
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    """Print the registered names of one kind, one a line with what it is (presets: as `hbfungi configs`)."""
+    if args.what == "presets":
+        cmd_configs(args)
+        return
+    groups = registries(args.what)
+    indent = "  " if len(groups) > 1 else ""
+    for label, registry in groups.items():
+        if indent:
+            print(f"{label}:")
+        print_names({name: summary(registry.get(name)) for name in registry.names()}, indent)
 
 
 def cmd_config_show(args: argparse.Namespace) -> None:
@@ -130,11 +174,12 @@ def key_help(command: str) -> str:
 def cmd_knn(args: argparse.Namespace) -> None:
     """Image-level kNN classification with embeddings and FUNGI features."""
     from hummingbird_fungi.eval.knn_run import format_table, run_knn
-    from hummingbird_fungi.fileio import check_no_overlap, check_output_file
+    from hummingbird_fungi.fileio import check_no_overlap, preflight
 
     config = config_from_args(args, schema_of("knn"))
-    check_output_file(args.out, "--out")  # before the features are computed, not after
-    check_no_overlap({"--out": args.out}, {"data.root": config.data.root, "model.weights": config.model.weights})
+    # before the features are computed, not after; data.root may be a folder a torchvision dataset creates
+    preflight({"model.weights": (config.model.weights, "file")}, {"--out": (args.out, "file")})
+    check_no_overlap({"--out": args.out}, {"data.root": config.data.root})
     results = run_knn(config)
     print(format_table(results["results"]))
     write_results(results, args.out)
@@ -164,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_segment_commands(sub)
     listing = sub.add_parser("configs", help="list the shipped presets", description="List the shipped presets.")
     listing.set_defaults(func=cmd_configs)
+    names = sub.add_parser("list", help="list the registered names of one kind",
+                           description="List the registered names of one kind (what config keys accept).")
+    names.add_argument("what", choices=("datasets", "backends", "objectives", "presets", "features"),
+                       help="which names: data.kind, retrieval.backend, the FUNGI objectives, --config, features.kind")
+    names.set_defaults(func=cmd_list)
     config = sub.add_parser("config", help="show a preset merged with overrides",
                             description="Show a configuration: a preset (or YAML file) merged with overrides, "
                                         "validated, every key with its description.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import time
@@ -44,7 +45,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.02, help="softmax temperature (default 0.02)")
     parser.add_argument("--backend", default="torch", help="retrieval backend: torch, faiss, faiss_ivfpq, ...")
     parser.add_argument("--memory-size", type=int, help="memory-bank rows (default: every example patch)")
-    parser.add_argument("--augment-epochs", type=int, default=0, help="augmented passes over the examples")
+    parser.add_argument("--augmentation-epochs", type=int, default=0,
+                        help="augmented passes over the examples (default 0: one pass, no augmentation)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -59,16 +61,30 @@ def add_label_space_args(parser: argparse.ArgumentParser) -> None:
 
 
 def segmenter_options(args: argparse.Namespace) -> dict[str, Any]:
-    """from_examples keywords from the shared options."""
+    """The flags shared by segment, demo and video as `InContextSegmenter.from_examples` keywords and sections."""
+    from hummingbird_fungi.config.schema import (DataOptions, FeatureOptions, FungiOptions, MemoryOptions,
+                                                 RetrievalOptions, SupportOptions, TransferOptions)
+    from hummingbird_fungi.segment.segmenter import SEGMENT_DATA, SEGMENT_MEMORY
+
     if args.weights is not None and not args.weights.is_file():
         raise DataError(f"weights file {args.weights} does not exist")
+    if args.feature_option and args.features != "fungi":
+        raise ConfigError(f"--feature-option {args.feature_option} given for {args.features!r} features")
+    epochs = args.augmentation_epochs
+    if epochs < 0:
+        raise ConfigError(f"--augmentation-epochs {epochs}: must be >= 0")
     return {"weights": args.weights, "pretrained": not args.random_init,
-            "backbone_kwargs": overrides_to_dict(args.backbone_option), "features": args.features,
-            "feature_options": overrides_to_dict(args.feature_option) or None,
+            "backbone_kwargs": overrides_to_dict(args.backbone_option),
             "input_size": None if args.input_size is None else _size(args.input_size),
-            "k": args.k, "temperature": args.temperature, "backend": args.backend,
-            "memory_size": args.memory_size, "augment_epochs": args.augment_epochs,
-            "batch_size": args.batch_size, "device": args.device, "seed": args.seed}
+            "features": FeatureOptions(kind=args.features,
+                                       fungi=FungiOptions.from_mapping(overrides_to_dict(args.feature_option)),
+                                       support=SupportOptions(size=args.memory_size)),
+            "memory": dataclasses.replace(SEGMENT_MEMORY, size=args.memory_size, augment=epochs > 0,
+                                          augmentation_epochs=max(epochs, 1)),
+            "retrieval": RetrievalOptions(backend=args.backend, k=args.k),
+            "transfer": TransferOptions(temperature=args.temperature),
+            "data": DataOptions(**{**SEGMENT_DATA.to_dict(), "batch_size": args.batch_size}),
+            "device": args.device, "seed": args.seed}
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -100,9 +116,8 @@ def build_segmenter(args: argparse.Namespace, examples: Path | None, memory: Pat
     options = {**segmenter_options(args), "backbone": args.backbone or "dinov2_vits14", **overrides}
     if memory is not None:
         segmenter = InContextSegmenter.from_memory(
-            memory, backbone=args.backbone, weights=options["weights"], k=options["k"],
-            temperature=options["temperature"], backend=options["backend"], device=options["device"],
-            input_size=options["input_size"])
+            memory, backbone=args.backbone, weights=options["weights"], retrieval=options["retrieval"],
+            transfer=options["transfer"], device=options["device"], input_size=options["input_size"])
         return segmenter, []
     return segmenter_from_folder(examples, args.examples_split, **options, **label_space_flags(args))
 
@@ -122,30 +137,33 @@ def finish(summary: dict[str, Any], out: Path) -> None:
                         f"segmented (see the skipped files above and {out / 'summary.json'})")
 
 
-def check_paths(args: argparse.Namespace, examples: Path | None, memory: Path | None, images: str | Path,
-                files: Sequence[Path], ground_truth: Path | None, out: Path) -> None:
-    """Before any model loads: inputs exist, --out and --save-memory can be written, and no output is, lies
-    inside or contains an input (examples, images, ground truth, bank, weights; symlinks resolved)."""
-    from hummingbird_fungi.fileio import check_input, check_no_overlap, check_output_dir, check_output_file
-    from hummingbird_fungi.memory.bank import partial_path, read_manifest
-
-    check_output_dir(out, "--out")
-    for name in OUTPUT_NAMES:  # a summary.json that is a folder would only fail at the end
-        (check_output_file if Path(name).suffix else check_output_dir)(out / name, "--out")
-    for folder in (out / "masks", out / "overlays"):
+def refuse_links(out: Path, names: Sequence[str]) -> None:
+    """Refuse output folders of `out` that are symbolic links: outputs are never written through a link."""
+    for folder in (out / name for name in names):
         if folder.is_symlink():
             raise ConfigError(f"--out {out}: {folder} is a symbolic link; outputs are never written through a "
                               f"link, remove it or choose another --out")
-    check_input(examples, "--examples")
-    check_input(ground_truth, "--ground-truth")
-    check_input(args.weights, "--weights", "file")
+
+
+def check_paths(args: argparse.Namespace, examples: Path | None, memory: Path | None, images: str | Path,
+                files: Sequence[Path], ground_truth: Path | None, out: Path, weights: Path | None) -> None:
+    """Before any model loads: inputs exist, --out and --save-memory can be written, and no output is, lies
+    inside or contains an input (examples, images, ground truth, bank, weights; symlinks resolved)."""
+    from hummingbird_fungi.fileio import check_no_overlap, check_output_dir, preflight
+    from hummingbird_fungi.memory.bank import partial_path, read_manifest
+
+    check_output_dir(out, "--out")
+    outputs = {f"--out {name}": out / name for name in OUTPUT_NAMES}
+    refuse_links(out, ("masks", "overlays"))
+    image_inputs = ({"--images": (images, "dir")} if Path(images).is_dir()
+                    else {f"--images ({file.name})": (file, "file") for file in files})
+    inputs = preflight({"--examples": (examples, "dir"), "--ground-truth": (ground_truth, "dir"),
+                        "--weights": (weights, "file"), **image_inputs},
+                       {key: (path, "file" if path.suffix else "dir") for key, path in outputs.items()})
     if memory is not None:
         read_manifest(memory)
-    inputs = {"--examples": examples, "--memory": memory, "--ground-truth": ground_truth, "--weights": args.weights,
-              **({"--images": images} if Path(images).is_dir()
-                 else {f"--images ({file.name})": file for file in files})}
-    outputs = {f"--out {name}": out / name for name in OUTPUT_NAMES}
-    check_no_overlap(outputs, inputs)
+        inputs["--memory"] = memory
+        check_no_overlap(outputs, inputs)
     save = args.save_memory
     if save is None:
         return
@@ -170,7 +188,8 @@ def run_segment(args: argparse.Namespace, examples: Path | None, memory: Path | 
         raise DataError(f"no images to segment in {images} (extensions {', '.join(IMAGE_EXTENSIONS)}); "
                         f"{len(listing[2])} other files ignored")
     masks_by_stem(ground_truth)
-    check_paths(args, examples, memory, images, listing[0], ground_truth, out)
+    check_paths(args, examples, memory, images, listing[0], ground_truth, out,
+                overrides.get("weights", args.weights))
     segmenter, failed_examples = build_segmenter(args, examples, memory, **overrides)
     if args.save_memory is not None:
         segmenter.save(args.save_memory)
@@ -225,22 +244,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
     else:
         examples, images, ground_truth = sources["examples"], sources["images"], args.ground_truth
         notes.append(f"data: examples {examples}, images {images}")
-    args.weights = sources["weights"]
+    overrides["weights"] = sources["weights"]
     if sources["backbone"] is None and hub_weights_cached(DEMO_PRETRAINED):
-        args.backbone = DEMO_PRETRAINED
+        overrides["backbone"] = DEMO_PRETRAINED
         notes.append(f"backbone: pretrained {DEMO_PRETRAINED} from the local hub cache (found without network)")
     elif sources["backbone"] is None:
-        args.backbone, args.random_init = DEMO_BACKBONE, True
-        overrides.update(backbone_kwargs={**DEMO_BACKBONE_KWARGS, **overrides_to_dict(args.backbone_option)},
-                         long_side=DEMO_LONG_SIDE)
+        overrides.update(backbone=DEMO_BACKBONE, pretrained=False, long_side=DEMO_LONG_SIDE,
+                         backbone_kwargs={**DEMO_BACKBONE_KWARGS, **overrides_to_dict(args.backbone_option)})
         notes.append(f"WEIGHTS ARE RANDOM: a randomly initialised {DEMO_BACKBONE} "
                      f"({DEMO_BACKBONE_KWARGS}), no pretrained weights; the masks show the pipeline at work, "
                      f"not what a trained ViT does (pass --backbone/--weights or HBFUNGI_BACKBONE/HBFUNGI_WEIGHTS)")
     else:
-        args.backbone = sources["backbone"]
-        described = args.weights if args.weights is not None else ("random init" if args.random_init
-                                                                    else "pretrained hub weights")
-        notes.append(f"backbone: {args.backbone} with {described}")
+        overrides["backbone"] = sources["backbone"]
+        described = sources["weights"] if sources["weights"] is not None else (
+            "random init" if args.random_init else "pretrained hub weights")
+        notes.append(f"backbone: {sources['backbone']} with {described}")
     for note in notes:
         log.warning("%s", note)
     summary, segmenter = run_segment(args, examples, None, images, ground_truth, out, notes=notes, **overrides)
@@ -248,10 +266,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
         from hummingbird_fungi.segment.folders import sweep_and_plot
 
         build = {**overrides, "backbone": segmenter.backbone}
+        memory = segmenter_options(args)["memory"]
         summary["memory_sweep"] = sweep_and_plot(
-            lambda size: build_segmenter(args, examples, None, memory_size=size, **build)[0], summary, images,
-            ground_truth, DEMO_SWEEP, out / "miou_vs_memory.png", summary["segmenter"]["features"]["kind"],
-            args.batch_size)
+            lambda size: build_segmenter(args, examples, None, memory=dataclasses.replace(memory, size=size),
+                                         **build)[0], summary, images, ground_truth, DEMO_SWEEP,
+            out / "miou_vs_memory.png", summary["segmenter"]["features"]["kind"], args.batch_size)
     finish(summary, out)
     for note in notes:
         print(note)
@@ -262,15 +281,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_video(args: argparse.Namespace) -> None:
     """`hbfungi video`: segment a clip from its annotated frames (the logic is in segment.video)."""
-    from hummingbird_fungi.fileio import check_input, check_no_overlap, check_output_dir
+    from hummingbird_fungi.fileio import check_output_dir, preflight
     from hummingbird_fungi.segment.video import run_video, video_inputs
 
-    check_input(args.frames, "--frames")
-    check_input(args.masks, "--masks")
-    check_input(args.weights, "--weights", "file")
     check_output_dir(args.out, "--out")
-    check_no_overlap({f"--out {name}": args.out / name for name in ("masks", "overlays", "strip.png", "summary.json")},
-                     {"--frames": args.frames, "--masks": args.masks, "--weights": args.weights})
+    refuse_links(args.out, ("masks", "overlays"))
+    preflight({"--frames": (args.frames, "dir"), "--masks": (args.masks, "dir"), "--weights": (args.weights, "file")},
+              {f"--out {name}": (args.out / name, "file" if "." in name else "dir")
+               for name in ("masks", "overlays", "strip.png", "summary.json")})
     video_inputs(args.frames, args.masks, args.annotate)  # a missing first mask is named before the model loads
     options = {**segmenter_options(args), "backbone": args.backbone or "dinov2_vits14", **label_space_flags(args)}
     summary = run_video(args.frames, args.masks, args.out, args.annotate, args.propagate, args.radius, **options)

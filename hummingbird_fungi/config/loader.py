@@ -57,12 +57,19 @@ def overrides_to_dict(overrides: list[str] | None) -> dict:
     return out
 
 
-PRESETS = Path(__file__).resolve().parents[1] / "configs"  # shipped inside the package
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def preset_folder() -> Path:
+    """The presets: inside the package when installed from a wheel (pyproject.toml maps them there), else the
+    checkout's top-level `configs/` (a plain checkout or an editable install)."""
+    shipped = PACKAGE / "configs"
+    return shipped if shipped.is_dir() else PACKAGE.parent / "configs"
 
 
 def presets() -> dict[str, Path]:
     """The shipped presets by name (file stem)."""
-    return {path.stem: path for path in sorted(PRESETS.glob("*.yaml"))}
+    return {path.stem: path for path in sorted(preset_folder().glob("*.yaml"))}
 
 
 def preset_description(path: Path) -> str:

@@ -8,12 +8,14 @@ for each key: docs/protocol.md.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from hummingbird_fungi.config.typed import Section, at_least, in_unit_interval, option, positive
 from hummingbird_fungi.errors import ConfigError
+from hummingbird_fungi.registry import find_registry
 
 Normalize = Literal["reference", "imagenet"]
 Autocast = Literal["auto", "bf16", "off"]
@@ -36,6 +38,20 @@ def parse_size(value: Any) -> tuple[int, int]:
 def check_device(value: str) -> str | None:
     """A check for a torch device name."""
     return None if _DEVICE.match(value) else "expected auto, cpu, cuda, cuda:N or mps"
+
+
+def registered(where: str, default: Any = dataclasses.MISSING, *, factory: Callable[[], list[str]] | None = None,
+               doc: str) -> Any:
+    """A field holding a name (or a list of names) of the Registry at `where` ('module:NAME'); names other than the
+    default ones are looked up there, so building the defaults imports neither torch nor the registry's module."""
+    builtin = factory() if factory is not None else [default]
+
+    def check(value: str | list[str]) -> str | None:
+        names = [name for name in (value if isinstance(value, list) else [value]) if name not in builtin]
+        problems = map(find_registry(where).check, names) if names else ()
+        return next((problem for problem in problems if problem), None)
+
+    return option(default, factory=factory, check=check, doc=doc)
 
 
 # --------------------------------------------------------------------------- model and data
@@ -81,8 +97,8 @@ class SplitOptions(Section):
 class DataOptions(SplitOptions):
     """A segmentation dataset's memory (train) and evaluation splits."""
 
-    kind: Literal["voc", "ade20k", "folder", "cityscapes", "coco_stuff", "coco_things", "coco_stuff171"] = option(
-        "voc", doc="dataset layout and label space")
+    kind: str = registered("hummingbird_fungi.data.segmentation:SEGMENTATION_DATASETS", "voc",
+                           doc="dataset layout and label space: a registered dataset kind (`hbfungi list datasets`)")
     train_split: str = option("trainaug", doc="split that fills the memory bank")
     train_file_set: str | None = option(None, doc="file with the ids of the memory images")
     eval_file_set: str | None = option(None, doc="file with the ids of the evaluation images")
@@ -98,12 +114,12 @@ class FungiOptions(Section):
     """Patch-level FUNGI: the loss, its gradient layer, the projection and how the parts combine."""
 
     key = "features.fungi"
-    objective: Literal["infonce", "kl", "dino"] = option(
-        "infonce", doc="loss per image: infonce (tokens attract each other), kl (each patch's head output "
-                       "against uniform), dino (each patch against the same patch of the mirrored image)")
+    objective: str = registered("hummingbird_fungi.features.fungi_patch:PATCH_OBJECTIVES", "infonce",
+                                doc="loss per image: a registered patch objective (`hbfungi list objectives`)")
     head_dim: int = option(96, check=at_least(1), doc="output size of the random head")
     head_seed: int = option(0, doc="seed of the random head")
-    projection: Literal["dense", "structured"] = option("structured", doc="dense: the reference's +-1 matrix")
+    projection: str = registered("hummingbird_fungi.features.projection:PROJECTIONS", "structured",
+                                 doc="a registered gradient projection; dense: the reference's +-1 matrix")
     rank: int = option(4, check=at_least(1), doc="rank of the structured projection")
     projection_distribution: Literal["sign", "gaussian"] = option("sign", doc="entries of the structured factors")
     projection_seed: int = option(0, doc="seed of the projection")
@@ -149,7 +165,8 @@ class FeatureOptions(Section):
     """Which patch features fill the memory bank and query it."""
 
     key = "features"
-    kind: Literal["embeddings", "fungi"] = option("embeddings", doc="embeddings or fungi")
+    kind: str = registered("hummingbird_fungi.features:PATCH_FEATURES", "embeddings",
+                           doc="a registered patch feature kind (`hbfungi list features`)")
     fungi: FungiOptions = option(factory=FungiOptions)
     support: SupportOptions = option(factory=SupportOptions)
 
@@ -172,14 +189,19 @@ class MemoryOptions(Section):
     shard_images: int = option(256, check=at_least(1), doc="images per shard on disk")
     path: str | None = option(None, doc="bank folder (built if missing, reused if present)")
 
+    def void_to_background(self, dataset_default: bool) -> bool:
+        """Whether void pixels count as background in soft labels (`auto`: the dataset's own rule)."""
+        return dataset_default if self.void == "auto" else self.void == "background"
+
 
 @dataclass
 class RetrievalOptions(Section):
     """The nearest-neighbour search over the bank."""
 
     key = "retrieval"
-    backend: str = option("torch", doc="torch, faiss, faiss_ivfpq, faiss_hnsw or scann")
     k: int = option(30, check=at_least(1), doc="neighbours per patch")
+    backend: str = registered("hummingbird_fungi.retrieval.indexes:BACKENDS", "torch",
+                              doc="a registered retrieval backend (`hbfungi list backends`)")
     options: dict[str, Any] = option(factory=dict, doc="backend options (e.g. nprobe, device)")
 
 
@@ -256,9 +278,11 @@ class ImageFeatureOptions(Section):
 
     key = "features"
     embedding: bool = option(True, doc="include the embedding block")
-    objectives: list[Literal["kl", "dino", "simclr"]] = option(factory=lambda: ["kl", "dino", "simclr"],
-                                                              doc="gradient blocks")
-    projection: Literal["dense", "structured"] = option("dense", doc="gradient projection")
+    objectives: list[str] = registered("hummingbird_fungi.features.fungi_image:IMAGE_OBJECTIVES",
+                                       factory=lambda: ["kl", "dino", "simclr"],
+                                       doc="gradient blocks: registered image objectives (`hbfungi list objectives`)")
+    projection: str = registered("hummingbird_fungi.features.projection:PROJECTIONS", "dense",
+                                 doc="a registered gradient projection (dense, the paper's; structured)")
     rank: int = option(4, check=at_least(1), doc="rank of the structured projection")
     projection_distribution: Literal["sign", "gaussian"] = option("sign", doc="entries of the structured factors")
     layer: str | None = option(None, doc="gradient layer; null: the encoder's default")

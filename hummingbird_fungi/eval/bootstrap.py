@@ -8,7 +8,8 @@ of per-image mIoUs). The difference is `miou(b) - miou(a)` (a: the baseline, e.g
 the interval is the percentile interval of the resampled differences at `level`, with numpy's default
 (linear) quantile interpolation. Resamples whose mIoU is undefined (nothing counted) are dropped.
 `paired_bootstrap_means` does the same for a mean of per-unit scores (e.g. DAVIS's mean over
-sequences of each sequence's mean J, resampling sequences).
+sequences of each sequence's mean J, resampling sequences); `compare` picks one of the two by the
+scores' shape and names the variant's score `b`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,16 @@ def paired_bootstrap_means(values_a: np.ndarray, values_b: np.ndarray, n_resampl
     return {"difference": float(values_b.mean() - values_a.mean()), **_interval(differences, level),
             "mean_a": float(values_a.mean()), "mean_b": float(values_b.mean()), "level": level, "n_units": n,
             "n_resamples": len(draws), "seed": None if indices is not None else seed}
+
+
+def compare(a: np.ndarray, b: np.ndarray, draws: np.ndarray) -> dict[str, Any]:
+    """Paired bootstrap of b against a over the resamples `draws` (R, N): per-image matrices (N, C, C) (dataset
+    mIoU) or per-unit scores (N,) (their mean); the result's `b` is b's score."""
+    if np.ndim(a) == 3:
+        result = paired_bootstrap(a, b, indices=draws)
+        return {**result, "b": result["miou_b"]}
+    result = paired_bootstrap_means(a, b, indices=draws)
+    return {**result, "b": result["mean_b"]}
 
 
 def _draws(n: int, n_resamples: int, seed: int, indices: np.ndarray | None, level: float) -> np.ndarray:

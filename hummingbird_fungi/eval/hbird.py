@@ -10,16 +10,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import platform
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from hummingbird_fungi import __version__
 from hummingbird_fungi.config.schema import (
     DataOptions,
     FeatureOptions,
@@ -28,28 +25,26 @@ from hummingbird_fungi.config.schema import (
     RetrievalOptions,
     TransferOptions,
     check_device,
-    parse_size,
 )
-from hummingbird_fungi.data.archives import TarPath, as_path
 from hummingbird_fungi.data.segmentation import SegmentationDataset, build_dataset, collate
 from hummingbird_fungi.data.subsets import subset_seed
-from hummingbird_fungi.data.transforms import EvalTransform, TrainTransform
+from hummingbird_fungi.data.transforms import EvalTransform
 from hummingbird_fungi.distributed import rank_and_world
 from hummingbird_fungi.errors import ConfigError, worker_errors_unwrapped
-from hummingbird_fungi.eval.metrics import ConfusionMatrix, summarize
-from hummingbird_fungi.features import EmbeddingFeatures, PatchFeatures, build_patch_features
-from hummingbird_fungi.fileio import check_input, check_no_overlap, check_output_dir, check_output_file
+from hummingbird_fungi.eval.metrics import ConfusionMatrix, metric_summary
+from hummingbird_fungi.features import PatchFeatures
+from hummingbird_fungi.fileio import check_no_overlap, preflight
 from hummingbird_fungi.memory.bank import MemoryBank, partial_path, read_manifest
-from hummingbird_fungi.memory.build import BankSpec, bank_manifest, build_memory_bank
+from hummingbird_fungi.memory.build import build_memory
 from hummingbird_fungi.models.encoders import Encoder
 from hummingbird_fungi.models.factory import create_encoder
 from hummingbird_fungi.retrieval.indexes import check_index_options
-from hummingbird_fungi.retrieval.transfer import LabelTransfer, predict_masks
-from hummingbird_fungi.runtime import resolve_device, timed
+from hummingbird_fungi.retrieval.predict import QueryBatch, predict
+from hummingbird_fungi.retrieval.transfer import LabelTransfer
+from hummingbird_fungi.runtime import resolve_device, timed, versions
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GRID = 32  # patches per side when no input size is given (the reference's 1,024 patches)
 # open-hummingbird-eval dataset names -> (our dataset kind, memory split, evaluation split)
 OHE_DATASETS = {"voc": ("voc", "trainaug", "val"), "ade20k": ("ade20k", "training", "validation"),
                 "cityscapes": ("cityscapes", "train", "val"), "coco-stuff": ("coco_stuff", "train", "val"),
@@ -59,89 +54,7 @@ OHE_SCANN_PARAMS = {"num_reordering_candidates": "reorder", "anisotropic_quantiz
                     "dimensions_per_block": "dims_per_block"}
 
 
-# --------------------------------------------------------------------------- building blocks
-
-
-def input_size_for(encoder: Encoder, size: Any) -> tuple[int, int]:
-    """(H, W) from an int, [H, W] or 'HxW' (default: 32 x 32 patches), checked against the patch size."""
-    height, width = (DEFAULT_GRID * encoder.patch_size,) * 2 if size is None else parse_size(size)
-    encoder.grid_size(height, width)
-    return int(height), int(width)
-
-
-def memory_transform(size: tuple[int, int], normalize: str, memory: MemoryOptions) -> TrainTransform:
-    """The memory-bank transform: train augmentation when `memory.augment`, else a plain resize."""
-    return TrainTransform(size, normalize=normalize, jitter=memory.augment, crop=memory.augment)
-
-
-def bank_spec(memory: MemoryOptions, dataset: SegmentationDataset, seed: int, size: int | None | str = "memory",
-              epochs: int | None = None) -> BankSpec:
-    """How to fill a bank from `memory` (size and epochs overridable, e.g. for the FUNGI support bank)."""
-    void = memory.void
-    return BankSpec(
-        memory_size=memory.size if size == "memory" else size,  # type: ignore[arg-type]
-        epochs=memory.augmentation_epochs if epochs is None else epochs, sampling=memory.sampling,
-        void_to_background=dataset.info.void_to_background if void == "auto" else void == "background",
-        dtype=memory.dtype, label_dtype=memory.label_dtype, shard_images=memory.shard_images, seed=seed)
-
-
-def make_extractor(encoder: Encoder, features: FeatureOptions, train_set: SegmentationDataset,
-                   memory: MemoryOptions, data: DataOptions, device: torch.device, seed: int,
-                   timings: dict[str, float] | None = None) -> PatchFeatures:
-    """The patch feature extractor of `features`, with its support set built when it needs one."""
-    extractor = build_patch_features(features.kind, encoder, features.fungi)
-    if extractor.needs_support:
-        with timed(timings, "support_bank_s"):
-            spec = bank_spec(memory, train_set, seed, features.support.size, features.support.augmentation_epochs)
-            support = build_memory_bank(train_set, EmbeddingFeatures(encoder), spec, batch_size=data.batch_size,
-                                        device=device, num_workers=data.num_workers, distributed=False)
-            extractor.set_support(torch.from_numpy(np.concatenate(support.feature_blocks)).float(),
-                                  image_ids=support.row_images())
-    return extractor
-
-
-def build_memory(encoder: Encoder, train_set: SegmentationDataset, *, input_size: tuple[int, int],
-                 features: FeatureOptions, memory: MemoryOptions, data: DataOptions, device: torch.device,
-                 seed: int, timings: dict[str, float] | None = None,
-                 manifest_extra: dict | None = None) -> tuple[MemoryBank, PatchFeatures]:
-    """The memory bank of `train_set` (loaded from memory.path when it exists, else built, and saved there).
-
-    A saved bank is reused only if it records this very recipe (features, data and file list, sampling,
-    seed, epochs, size, ...); otherwise BankMismatchError names the keys that differ.
-    """
-    torch.manual_seed(seed)
-    train_set = train_set.with_transform(memory_transform(input_size, data.normalize, memory), seed=seed)
-    extractor = make_extractor(encoder, features, train_set, memory, data, device, seed, timings)
-    path, spec = memory.path, bank_spec(memory, train_set, seed)
-    if path is not None and Path(path).exists():
-        recipe = bank_manifest(train_set, extractor, spec, manifest_extra)
-        recipe.pop("model", None)  # how to reopen the model; what it computes is in features, input_size, spec
-        with timed(timings, "load_memory_s"):
-            bank = MemoryBank.load(path, expect_features=extractor.manifest(), expect_build=recipe)
-        log.info("loaded memory bank %s (%d rows, built from %s)", path, bank.count, bank.manifest.get("dataset"))
-        return bank, extractor
-    with timed(timings, "build_memory_s"):
-        bank = build_memory_bank(train_set, extractor, spec, path=path, manifest_extra=manifest_extra,
-                                 batch_size=data.batch_size, num_workers=data.num_workers, device=device)
-    return bank, extractor
-
-
-def make_transfer(bank: MemoryBank, retrieval: RetrievalOptions, transfer: TransferOptions) -> LabelTransfer:
-    """The label transfer of `retrieval` and `transfer` over `bank`."""
-    return LabelTransfer.from_bank(bank, retrieval.backend, k=retrieval.k, temperature=transfer.temperature,
-                                   rescore=transfer.rescore, rerank=transfer.rerank, **retrieval.options)
-
-
-def metric_summary(cm: ConfusionMatrix, class_names: Sequence[str], ignore_index: int | None) -> dict:
-    """mIoU (both modes) and per-class IoU of `cm`, leaving out an ignore index that is a class id (ADE20K's 0);
-    None for every metric when no pixel was scored."""
-    exclude = ignore_index if ignore_index is not None and ignore_index < len(class_names) else None
-    summary = summarize(cm, class_names, exclude=exclude)
-    if int(cm.matrix.sum()) == 0:
-        log.warning("no ground-truth pixel was scored (all void or outside the label space): metrics are n/a")
-        summary.update(miou=None, miou_reference=None, pixel_accuracy=None, reference_relabelled={},
-                       per_class_iou_reference={name: None for name in class_names})
-    return summary
+# --------------------------------------------------------------------------- the benchmark
 
 
 def evaluate_bank(extractor: PatchFeatures, bank: MemoryBank, eval_set: SegmentationDataset, *,
@@ -160,21 +73,24 @@ def evaluate_bank(extractor: PatchFeatures, bank: MemoryBank, eval_set: Segmenta
         raise ConfigError(f"eval dataset {info.name} has {info.num_classes} classes but the memory bank "
                           f"has {bank.num_classes}")
     with timed(timings, "build_index_s"):
-        label_transfer = make_transfer(bank, retrieval, transfer)
+        label_transfer = LabelTransfer.from_options(bank, retrieval, transfer)
     rank, world = rank_and_world()
     part = torch.utils.data.Subset(eval_set, range(rank, len(eval_set), world))
     loader = torch.utils.data.DataLoader(part, batch_size=data.batch_size, num_workers=data.num_workers,
                                          collate_fn=collate)
-    cm = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
     grid = extractor.encoder.grid_size(*input_size)
-    with timed(timings, "evaluate_s"), worker_errors_unwrapped(), \
-            tqdm(total=len(loader), desc="evaluate", unit="batch", disable=rank != 0) as progress:
+
+    def queries():
         for batch in loader:
             targets = batch["original_mask"] if original else list(batch["mask"])
-            preds = predict_masks(label_transfer, extractor(batch["image"].to(device)), grid,
-                                  [tuple(t.shape) for t in targets], transfer.class_chunk)
-            for pred, target in zip(preds, targets):
-                cm.update(pred, target)
+            yield QueryBatch(grid, [tuple(t.shape) for t in targets], images=batch["image"], targets=targets)
+
+    cm = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
+    with timed(timings, "evaluate_s"), worker_errors_unwrapped(), \
+            tqdm(total=len(part), desc="evaluate", unit="img", disable=rank != 0) as progress:
+        for prediction in predict(queries(), label_transfer, extractor, ignore_index=info.ignore_index,
+                                  class_chunk=transfer.class_chunk, device=device):
+            cm.matrix += prediction.confusions[label_transfer.setting]
             progress.update()
     cm.all_reduce()
     summary = metric_summary(cm, info.class_names, info.ignore_index)
@@ -191,17 +107,21 @@ def bank_summary(bank: MemoryBank) -> dict[str, Any]:
             "bytes": int(sum(b.nbytes for b in bank.feature_blocks) + sum(b.nbytes for b in bank.label_blocks))}
 
 
-def versions() -> dict[str, str]:
-    """Library versions for results files (faiss and ScaNN when installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for package in ("torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu-cu12", "scann"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    return {"hummingbird_fungi": __version__, **found, "python": platform.python_version()}
+def _evaluate(encoder: Encoder, train_data: SegmentationDataset, eval_data: SegmentationDataset, *,
+              input_size: Any, memory: MemoryOptions, features: FeatureOptions, retrieval: RetrievalOptions,
+              transfer: TransferOptions, data: DataOptions, device: torch.device, seed: int,
+              manifest_extra: dict | None, timings: dict[str, float]) -> dict[str, Any]:
+    """`evaluate` once its options are checked and its device resolved."""
+    start = time.perf_counter()
+    encoder = encoder.to(device)
+    size = encoder.input_size(input_size)
+    bank, extractor = build_memory(encoder, train_data, input_size=size, features=features, memory=memory,
+                                   data=data, device=device, seed=seed, timings=timings,
+                                   manifest_extra=manifest_extra)
+    summary = evaluate_bank(extractor, bank, eval_data, input_size=size, retrieval=retrieval, transfer=transfer,
+                            data=data, device=device, timings=timings)
+    timings["total_s"] = time.perf_counter() - start
+    return {**summary, "memory": bank_summary(bank), "features": extractor.manifest(), "timings": timings}
 
 
 # --------------------------------------------------------------------------- the typed entry point
@@ -210,36 +130,25 @@ def versions() -> dict[str, str]:
 def evaluate(encoder: Any, train_data: SegmentationDataset, eval_data: SegmentationDataset, *,
              input_size: Any = None, memory: MemoryOptions | None = None, features: FeatureOptions | None = None,
              retrieval: RetrievalOptions | None = None, transfer: TransferOptions | None = None,
-             normalize: str = "reference", eval_resolution: str = "input", batch_size: int = 4,
-             num_workers: int = 0, device: str = "auto", seed: int = 0,
+             data: DataOptions | None = None, device: str = "auto", seed: int = 0,
              manifest_extra: dict | None = None) -> dict[str, Any]:
     """Hummingbird evaluation of `encoder` (an Encoder or any module `create_encoder` takes).
 
     The memory bank is filled from `train_data` and `eval_data` is segmented and scored; both are
-    segmentation datasets (`build_dataset`), transforms are set here. `input_size` is (H, W), an
-    int or 'HxW' (default 32 x 32 patches). Returns the metric summary (`miou`, `miou_reference`,
-    `per_class_iou`, ...) with the bank's size (`memory`), the feature manifest and `timings`.
+    segmentation datasets (`build_dataset`), transforms are set here (`data`: normalisation, scoring
+    resolution, batch size, workers). `input_size` is (H, W), an int or 'HxW' (default 32 x 32
+    patches). Returns the metric summary (`miou`, `miou_reference`, `per_class_iou`, ...) with the
+    bank's size (`memory`), the feature manifest and `timings`.
     """
-    memory, features = memory or MemoryOptions(), features or FeatureOptions()
-    retrieval, transfer = retrieval or RetrievalOptions(), transfer or TransferOptions()
-    data = DataOptions(normalize=normalize, eval_resolution=eval_resolution, batch_size=batch_size,  # type: ignore
-                       num_workers=num_workers)
     problem = check_device(device) if isinstance(device, str) else None
     if problem:
         raise ConfigError(f"device={device!r}: {problem}")
+    retrieval = retrieval or RetrievalOptions()
     check_index_options(retrieval.backend, retrieval.options)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    device_ = resolve_device(device)
-    encoder = create_encoder(encoder).to(device_)
-    size = input_size_for(encoder, input_size)
-    bank, extractor = build_memory(encoder, train_data, input_size=size, features=features, memory=memory,
-                                   data=data, device=device_, seed=seed, timings=timings,
-                                   manifest_extra=manifest_extra)
-    summary = evaluate_bank(extractor, bank, eval_data, input_size=size, retrieval=retrieval, transfer=transfer,
-                            data=data, device=device_, timings=timings)
-    timings["total_s"] = time.perf_counter() - start
-    return {**summary, "memory": bank_summary(bank), "features": extractor.manifest(), "timings": timings}
+    return _evaluate(create_encoder(encoder), train_data, eval_data, input_size=input_size,
+                     memory=memory or MemoryOptions(), features=features or FeatureOptions(), retrieval=retrieval,
+                     transfer=transfer or TransferOptions(), data=data or DataOptions(),
+                     device=resolve_device(device), seed=seed, manifest_extra=manifest_extra, timings={})
 
 
 # --------------------------------------------------------------------------- open-hummingbird-eval's signature
@@ -282,8 +191,10 @@ def hbird_evaluation(model: Any, d_model: int, patch_size: int, dataset_name: st
     if backend == "scann":
         params = {OHE_SCANN_PARAMS.get(key, key): value for key, value in params.items()}
     retrieval = RetrievalOptions(backend=backend, k=n_neighbours, options=params)
+    data = DataOptions(batch_size=batch_size, num_workers=num_workers,
+                       **{key: options.pop(key) for key in ("normalize", "eval_resolution") if key in options})
     results = evaluate(encoder, train_data, eval_data, input_size=input_size, memory=memory, retrieval=retrieval,
-                       batch_size=batch_size, num_workers=num_workers, device=device, **options)
+                       data=data, device=device, **options)
     return (results["miou_reference"], results) if return_knn_details else results["miou_reference"]
 
 
@@ -309,15 +220,6 @@ def config_dataset(config: HbirdConfig, which: str) -> SegmentationDataset:
     return dataset.subset(size, subset_seed(data.subset_seed, config.seed))
 
 
-def config_encoder(config: HbirdConfig, device: torch.device) -> Encoder:
-    """The named backbone of `config.model` with its weights (a random init drawn from the run seed)."""
-    from hummingbird_fungi.models.backbones import load_backbone
-
-    model = config.model
-    torch.manual_seed(config.seed)
-    return load_backbone(model.name, weights=model.weights, pretrained=model.pretrained, device=device)
-
-
 def config_manifest(config: HbirdConfig) -> dict:
     """What a bank built from `config` records besides its features: the data and the model it came from
     (a bank from `hbfungi build-memory` reopens with `segment --memory` without naming the weights again)."""
@@ -331,46 +233,46 @@ def data_manifest(config: HbirdConfig) -> dict:
     return {"kind": data.kind, "root": str(Path(data.root).resolve()), "split": data.train_split,
             "file_set": data.train_file_set,
             "subset": data.subset, "subset_seed": subset_seed(data.subset_seed, config.seed),
-            "normalize": data.normalize, "augment": config.memory.augment}
+            "normalize": data.normalize}
 
 
 def check_run_paths(config: HbirdConfig, out: str | Path | None) -> None:
     """Before any model loads: inputs exist, the results file `out` and a bank to build can be written,
     and no output is, lies inside or contains an input (data root, file sets, weights, an existing bank)."""
     data, bank = config.data, config.memory.path
-    root = None if data.root is None else as_path(data.root)
-    archive = root.archive if isinstance(root, TarPath) else None  # a root in a tar: the archive is the input
-    check_input(archive or data.root, "data.root", "file" if archive else "dir")
-    inputs = {"data.root": archive or data.root, "data.train_file_set": data.train_file_set,
-              "data.eval_file_set": data.eval_file_set, "model.weights": config.model.weights}
-    for key in ("data.train_file_set", "data.eval_file_set", "model.weights"):
-        check_input(inputs[key], key, "file")
-    check_output_file(out, "--out")
-    check_no_overlap({"--out": out}, {**inputs, "memory.path": bank})
+    inputs = preflight({"data.root": (data.root, "dir"), "data.train_file_set": (data.train_file_set, "file"),
+                        "data.eval_file_set": (data.eval_file_set, "file"),
+                        "model.weights": (config.model.weights, "file")}, {"--out": (out, "file")})
+    check_no_overlap({"--out": out}, {"memory.path": bank})
     if bank is not None and Path(bank).exists():
         read_manifest(bank)  # a damaged or unfinished bank is named before any model loads
     elif bank is not None:
-        check_output_dir(bank, "memory.path")
+        preflight({}, {"memory.path": (bank, "dir")})
         check_no_overlap({"memory.path": bank, "memory.path (unfinished build)": partial_path(bank)}, inputs)
+
+
+def _prepare(config: HbirdConfig, out: str | Path | None, timings: dict[str, float]
+             ) -> tuple[SegmentationDataset, Encoder, torch.device]:
+    """Checks before any work (paths, index options), then the memory dataset and the encoder on its device."""
+    check_index_options(config.retrieval.backend, config.retrieval.options)
+    check_run_paths(config, out)
+    train = config_dataset(config, "train")
+    device, model = resolve_device(config.device), config.model
+    with timed(timings, "load_backbone_s"):
+        encoder = create_encoder(model.name, weights=model.weights, pretrained=model.pretrained, device=device,
+                                 seed=config.seed)
+    return train, encoder, device
 
 
 def run_hbird(config: HbirdConfig, out: str | Path | None = None) -> dict:
     """`hbfungi hbird`: the evaluation the config describes, with the config and versions recorded
     (`out`, the results file the caller writes, is checked with the other paths before any work)."""
-    check_index_options(config.retrieval.backend, config.retrieval.options)
-    check_run_paths(config, out)
-    train, evaluation = config_dataset(config, "train"), config_dataset(config, "eval")
-    data = config.data
     timings: dict[str, float] = {}
-    with timed(timings, "load_backbone_s"):
-        encoder = config_encoder(config, resolve_device(config.device))
-    results = evaluate(encoder, train, evaluation,
-                       input_size=config.model.input_size, memory=config.memory, features=config.features,
-                       retrieval=config.retrieval, transfer=config.transfer, normalize=data.normalize,
-                       eval_resolution=data.eval_resolution, batch_size=data.batch_size,
-                       num_workers=data.num_workers, device=config.device, seed=config.seed,
-                       manifest_extra=config_manifest(config))
-    results["timings"] = {**timings, **results["timings"]}
+    train, encoder, device = _prepare(config, out, timings)
+    results = _evaluate(encoder, train, config_dataset(config, "eval"), input_size=config.model.input_size,
+                        memory=config.memory, features=config.features, retrieval=config.retrieval,
+                        transfer=config.transfer, data=config.data, device=device, seed=config.seed,
+                        manifest_extra=config_manifest(config), timings=timings)
     return {**results, "config": config.to_dict(), "versions": versions()}
 
 
@@ -381,16 +283,11 @@ def run_build_memory(config: HbirdConfig, out: str | Path | None = None) -> dict
         raise ConfigError("memory.path is not set; pass memory.path=DIR to save the bank")
     if Path(path).exists():
         raise ConfigError(f"memory.path {path} already exists; remove it or choose another path")
-    check_run_paths(config, out)
-    train = config_dataset(config, "train")
-    device = resolve_device(config.device)
     timings: dict[str, float] = {}
-    with timed(timings, "load_backbone_s"):
-        encoder = config_encoder(config, device)
-    size = input_size_for(encoder, config.model.input_size)
-    bank, extractor = build_memory(encoder, train, input_size=size, features=config.features, memory=config.memory,
-                                   data=config.data, device=device, seed=config.seed, timings=timings,
-                                   manifest_extra=config_manifest(config))
+    train, encoder, device = _prepare(config, out, timings)
+    bank, extractor = build_memory(encoder, train, input_size=encoder.input_size(config.model.input_size),
+                                   features=config.features, memory=config.memory, data=config.data, device=device,
+                                   seed=config.seed, timings=timings, manifest_extra=config_manifest(config))
     return {"memory": bank_summary(bank), "features": extractor.manifest(), "path": path,
             "config": config.to_dict(), "timings": timings, "versions": versions()}
 

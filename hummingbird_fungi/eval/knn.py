@@ -1,4 +1,5 @@
-"""kNN classification math: PCA fitted on train rows, exact Euclidean search, votes, metrics, few-shot draws.
+"""kNN classification math: PCA fitted on train rows (`features.pca`), exact Euclidean search, votes, metrics,
+few-shot draws.
 
 Search and PCA run in torch on the rows' device, so the same code serves GPU-sized train sets.
 The driver that extracts features and runs every block combination is `eval.knn_run`;
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from hummingbird_fungi.errors import ConfigError
+from hummingbird_fungi.features.pca import Pca
 from hummingbird_fungi.retrieval.indexes import TorchIndex
 
 log = logging.getLogger(__name__)
@@ -24,30 +26,14 @@ FEW_SHOT_RULES = ("first", "random")
 # --------------------------------------------------------------------------- PCA and kNN
 
 
-def fit_pca(train: torch.Tensor, n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (D,) and top principal axes (n, D) of train rows (N, D), like sklearn's full-SVD PCA up to signs."""
-    mean = train.double().mean(0)
-    covariance = torch.zeros(train.shape[1], train.shape[1], dtype=torch.float64, device=train.device)
-    for rows in torch.split(train, 65536):
-        centred = rows.double() - mean
-        covariance += centred.T @ centred  # (D, D)
-    _, vectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
-    components = vectors[:, -n_components:].flip(-1).T  # (n, D), largest variance first
-    return mean.float(), components.float()
-
-
-def apply_pca(features: torch.Tensor, mean: torch.Tensor, components: torch.Tensor) -> torch.Tensor:
-    """Project rows (N, D) onto the principal axes -> (N, n); no whitening, no renormalisation."""
-    return (features - mean) @ components.T
-
-
 def reduce(train: torch.Tensor, test: torch.Tensor,
            n_components: int | None) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-    """The reference rule: PCA fitted on train only if n_components < n_train and < D."""
+    """The reference rule: PCA (`features.pca`, no whitening, not renormalised) fitted on train only if
+    n_components < n_train and < D -> train (N, n), test (Q, n) and the size used (None: no PCA)."""
     if n_components is None or not (n_components < train.shape[0] and n_components < train.shape[1]):
         return train, test, None
-    mean, components = fit_pca(train, n_components)
-    return apply_pca(train, mean, components), apply_pca(test, mean, components), n_components
+    pca = Pca.fit(train, n_components)
+    return pca(train), pca(test), n_components
 
 
 def knn_search(train: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

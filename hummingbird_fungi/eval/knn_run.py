@@ -199,11 +199,11 @@ def load_split(config: KnnConfig, which: str) -> ClassificationData:
 
 def build_extractor(config: KnnConfig, device: torch.device, num_train: int) -> ImageFungi:
     """Encoder, shared projection and the configured objectives."""
-    from hummingbird_fungi.models.backbones import load_backbone
+    from hummingbird_fungi.models.factory import create_encoder
 
     model, features = config.model, config.features
     size = model.input_size[0]
-    encoder = load_backbone(model.name, weights=model.weights, pretrained=model.pretrained, device=device)
+    encoder = create_encoder(model.name, weights=model.weights, pretrained=model.pretrained, device=device)
     options = ({"rank": features.rank, "distribution": features.projection_distribution}
                if features.projection == "structured" else {})
     extractor = ImageFungi(encoder, size, config.seed, features.projection, options, layer=features.layer,

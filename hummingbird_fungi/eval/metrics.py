@@ -136,3 +136,35 @@ def summarize(cm: ConfusionMatrix, class_names: Sequence[str], exclude: int | No
         "reference_relabelled": moved,
         "pixel_accuracy": pixel_accuracy(cm.matrix),
     }
+
+
+def metric_summary(cm: ConfusionMatrix, class_names: Sequence[str], ignore_index: int | None) -> dict:
+    """mIoU (both modes) and per-class IoU of `cm`, leaving out an ignore index that is a class id (ADE20K's 0);
+    None for every metric when no pixel was scored."""
+    exclude = ignore_index if ignore_index is not None and ignore_index < len(class_names) else None
+    summary = summarize(cm, class_names, exclude=exclude)
+    if int(cm.matrix.sum()) == 0:
+        log.warning("no ground-truth pixel was scored (all void or outside the label space): metrics are n/a")
+        summary.update(miou=None, miou_reference=None, pixel_accuracy=None, reference_relabelled={},
+                       per_class_iou_reference={name: None for name in class_names})
+    return summary
+
+
+# --------------------------------------------------------------------------- video (DAVIS)
+
+
+def foreground_confusion(pred: np.ndarray, gt: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
+    """(2, 2) counts of ground-truth background/foreground (rows) against predicted (columns); foreground =
+    id != 0, ground-truth void pixels dropped."""
+    target = torch.from_numpy((gt != 0).astype(np.int64))
+    if ignore_index is not None:
+        target[torch.from_numpy(gt == ignore_index)] = -1  # outside [0, 2): not counted
+    cm = ConfusionMatrix(2)
+    cm.update(torch.from_numpy((pred != 0).astype(np.int64)), target)
+    return cm.matrix.numpy()
+
+
+def jaccard(confusion: np.ndarray) -> float:
+    """Foreground IoU (DAVIS J) of a (2, 2) matrix; 1 when neither ground truth nor prediction has foreground."""
+    iou = float(iou_per_class(torch.from_numpy(np.asarray(confusion)))[1])
+    return 1.0 if np.isnan(iou) else iou

@@ -1,9 +1,10 @@
-"""On-disk cache of per-image features, one directory per (backbone, objective, dataset, split).
+"""On-disk cache of feature rows, one directory per key: the kNN run's image features (per backbone,
+objective, dataset, split) and the feature study's patch parts (tokens, projected gradients, masks).
 
-Layout: ``<root>/<backbone>/<dataset>/<split>/<objective>-<hash>/`` holding
+Layout: ``<root>/<part>/.../<leaf>-<hash>/`` (e.g. ``<backbone>/<dataset>/<split>/<objective>``) holding
 ``manifest.json`` (the full key: backbone, weights, objective options, projection, data
-fingerprint, input size, seeds; the row count, dimension and chunk size) and
-``chunk_<i>.npy`` files of ``chunk_size`` rows each (float32). Every file is written to a
+fingerprint, input size, seeds; the row count, dimension, chunk size and a dtype other than
+float32) and ``chunk_<i>.npy`` files of ``chunk_size`` rows each. Every file is written to a
 temporary name and renamed, so a chunk on disk is always complete: an interrupted run
 resumes from the chunks already there. The hash covers the whole manifest, so different
 settings never share a directory. Without a root the chunks stay in memory.
@@ -40,15 +41,16 @@ def key_hash(manifest: dict[str, Any]) -> str:
 
 
 class FeatureCache:
-    """Features (count, dim) of one dataset split, computed and stored chunk by chunk."""
+    """Rows (count, dim) of one set of images in `dtype`, computed and stored chunk by chunk."""
 
     def __init__(self, root: str | Path | None, parts: tuple[str, ...], key: dict[str, Any],
-                 count: int, dim: int, chunk_size: int = 512) -> None:
+                 count: int, dim: int, chunk_size: int = 512, dtype: str = "float32") -> None:
         if count < 1 or dim < 1 or chunk_size < 1:
             raise ValueError(f"cache needs count, dim, chunk_size >= 1, got {count}, {dim}, {chunk_size}")
-        self.count, self.dim, self.chunk_size = count, dim, chunk_size
+        self.count, self.dim, self.chunk_size, self.dtype = count, dim, chunk_size, np.dtype(dtype)
+        # float32 stays out of the manifest: caches written before other dtypes keep their hash
         self.manifest = {"format_version": FORMAT_VERSION, "key": key, "count": count, "dim": dim,
-                         "chunk_size": chunk_size}
+                         "chunk_size": chunk_size, **({} if self.dtype == np.float32 else {"dtype": self.dtype.name})}
         self._memory: dict[int, np.ndarray] = {}
         self.path: Path | None = None
         if root is not None:
@@ -115,9 +117,9 @@ class FeatureCache:
         return sum(stop - start for _, start, stop in self.missing())
 
     def put(self, index: int, features: np.ndarray) -> None:
-        """Store chunk `index` (rows, dim) atomically."""
+        """Store chunk `index` (rows, dim) atomically, cast to the cache's dtype."""
         start, stop = self.bounds(index)
-        features = np.ascontiguousarray(features, dtype=np.float32)
+        features = np.ascontiguousarray(features, dtype=self.dtype)
         if features.shape != (stop - start, self.dim):
             raise ValueError(f"chunk {index} must be ({stop - start}, {self.dim}), got {features.shape}")
         if self.path is None:
@@ -126,7 +128,7 @@ class FeatureCache:
         save_npy_atomic(self._chunk_file(index), features)
 
     def load(self) -> np.ndarray:
-        """All features (count, dim) float32; every chunk must be stored."""
+        """All rows (count, dim) in the cache's dtype; every chunk must be stored."""
         missing = [index for index, _, _ in self.missing()]
         if missing:
             raise DataError(f"feature cache {self.path or '(memory)'} lacks chunks {missing[:5]}")

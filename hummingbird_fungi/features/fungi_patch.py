@@ -32,6 +32,7 @@ Deviations from the reference, each with a switch:
 
 from __future__ import annotations
 
+import abc
 import logging
 from typing import Any, Sequence
 
@@ -46,6 +47,7 @@ from hummingbird_fungi.features.gradients import forward_with_capture, gradient_
 from hummingbird_fungi.features.losses import dino_loss, info_nce, kl_uniform_loss
 from hummingbird_fungi.features.projection import build_projection
 from hummingbird_fungi.models.encoders import Encoder
+from hummingbird_fungi.registry import Registry
 from hummingbird_fungi.runtime import autocast, timed, use_autocast
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,69 @@ def combine(tokens: Tensor, phi: Tensor | Sequence[Tensor], grad_weight: float) 
     return F.normalize(torch.cat(parts, dim=-1), dim=-1)
 
 
+class PatchObjective(abc.ABC):
+    """A per-image loss on the random head's outputs of an image's tokens (`features.fungi.objective`)."""
+
+    name: str = ""
+
+    def __init__(self, options: FungiOptions) -> None:
+        self.settings = options
+
+    @abc.abstractmethod
+    def loss(self, features: FungiPatchFeatures, z: Tensor, images: Tensor, negatives: Tensor | None,
+             keep: Tensor | None) -> Tensor:
+        """The loss summed over images (and tokens) for the head outputs z (B, T, L) of `images`' tokens."""
+
+
+class InfoNCEPatchObjective(PatchObjective):
+    """The reference's InfoNCE: tokens attract the other tokens of their image (and repel support negatives)."""
+
+    name = "infonce"
+
+    def loss(self, features: FungiPatchFeatures, z: Tensor, images: Tensor, negatives: Tensor | None,
+             keep: Tensor | None) -> Tensor:
+        return info_nce(z, self.settings.tau, self.settings.tau_placement, negatives, keep).sum()
+
+
+class KLPatchObjective(PatchObjective):
+    """Each patch's softmax(z / T) against the uniform distribution."""
+
+    name = "kl"
+
+    def loss(self, features: FungiPatchFeatures, z: Tensor, images: Tensor, negatives: Tensor | None,
+             keep: Tensor | None) -> Tensor:
+        return kl_uniform_loss(z.flatten(0, 1), self.settings.kl_temperature).sum()
+
+
+class DinoPatchObjective(PatchObjective):
+    """Each patch against the centred, sharpened head output of the same patch in the mirrored image."""
+
+    name = "dino"
+
+    def loss(self, features: FungiPatchFeatures, z: Tensor, images: Tensor, negatives: Tensor | None,
+             keep: Tensor | None) -> Tensor:
+        teacher = features.head(self.mirrored_tokens(features, images))  # (B, T, L)
+        teacher = teacher - teacher.mean(1, keepdim=True)  # centred over the image's tokens
+        return dino_loss(z.flatten(0, 1)[:, None], teacher.flatten(0, 1)[:, None],
+                         self.settings.student_temperature, self.settings.teacher_temperature).sum()
+
+    @staticmethod
+    def mirrored_tokens(features: FungiPatchFeatures, images: Tensor) -> Tensor:
+        """Tokens (B, T, E) of the horizontally mirrored images, patches mirrored back onto the original grid."""
+        encoder = features.encoder
+        with torch.no_grad(), autocast(features.autocast, images.device):
+            tokens = encoder.forward_tokens(images.flip(-1)).float()  # (B, T, E)
+        prefix = encoder.num_prefix_tokens
+        h, w = encoder.grid_size(images.shape[-2], images.shape[-1])
+        patches = tokens[:, prefix:].reshape(len(tokens), h, w, -1).flip(2).reshape(len(tokens), h * w, -1)
+        return torch.cat([tokens[:, :prefix], patches], dim=1)
+
+
+PATCH_OBJECTIVES: Registry[type[PatchObjective]] = Registry("patch FUNGI objective")
+for _cls in (InfoNCEPatchObjective, KLPatchObjective, DinoPatchObjective):
+    PATCH_OBJECTIVES.register(_cls.name)(_cls)
+
+
 class FungiPatchFeatures(PatchFeatures):
     """FUNGI per-patch features: [token ; projected per-token loss gradient], unit rows."""
 
@@ -102,7 +167,7 @@ class FungiPatchFeatures(PatchFeatures):
         self.settings = with_overrides(FungiOptions, options, overrides)
         opts = self.settings
         self.head_dim, self.head_seed = opts.head_dim, opts.head_seed
-        self.tau, self.tau_placement = opts.tau, opts.tau_placement
+        self.objective = PATCH_OBJECTIVES.get(opts.objective)(opts)
         self.negatives, self.neg_k, self.n_neg = opts.negatives, opts.neg_k, opts.n_neg
         self.keep_prob, self.neg_seed, self.exclude_same_image = opts.keep_prob, opts.neg_seed, opts.exclude_same_image
         self.grad_weight, self.autocast, self.token_chunk = opts.grad_weight, opts.autocast, opts.token_chunk
@@ -179,31 +244,9 @@ class FungiPatchFeatures(PatchFeatures):
         with timed(self.step_times, "negatives"):
             negatives, keep = self._negatives(tokens.detach(), image_ids)
         with timed(self.step_times, "loss_backward"):
-            loss = self._loss(tokens, images, negatives, keep)
+            loss = self.objective.loss(self, self.head(tokens), images, negatives, keep)
             (g,) = torch.autograd.grad(loss, capture.output)
         return g.detach(), capture.input, tokens.detach()
-
-    def _loss(self, tokens: Tensor, images: Tensor, negatives: Tensor | None, keep: Tensor | None) -> Tensor:
-        """The objective summed over images (and, for kl and dino, over tokens) for tokens (B, T, E)."""
-        opts = self.settings
-        z = self._head(tokens)  # (B, T, L)
-        if opts.objective == "infonce":
-            return info_nce(z, self.tau, self.tau_placement, negatives, keep).sum()
-        if opts.objective == "kl":
-            return kl_uniform_loss(z.flatten(0, 1), opts.kl_temperature).sum()
-        teacher = self._head(self._mirrored_tokens(images))  # (B, T, L)
-        teacher = teacher - teacher.mean(1, keepdim=True)  # centred over the image's tokens
-        return dino_loss(z.flatten(0, 1)[:, None], teacher.flatten(0, 1)[:, None],
-                         opts.student_temperature, opts.teacher_temperature).sum()
-
-    def _mirrored_tokens(self, images: Tensor) -> Tensor:
-        """Tokens (B, T, E) of the horizontally mirrored images, patches mirrored back onto the original grid."""
-        with torch.no_grad(), autocast(self.autocast, images.device):
-            tokens = self.encoder.forward_tokens(images.flip(-1)).float()  # (B, T, E)
-        prefix = self.encoder.num_prefix_tokens
-        h, w = self.encoder.grid_size(images.shape[-2], images.shape[-1])
-        patches = tokens[:, prefix:].reshape(len(tokens), h, w, -1).flip(2).reshape(len(tokens), h * w, -1)
-        return torch.cat([tokens[:, :prefix], patches], dim=1)
 
     def _negatives(self, tokens: Tensor, image_ids: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """Projected support negatives (B, T n_neg, L) and their keep-mask (B, T n_neg), or (None, None)."""
@@ -225,11 +268,11 @@ class FungiPatchFeatures(PatchFeatures):
         ids = ids.to(tokens.device)  # (B, T, K)
         rows = gather_negatives(self._support, ids, self.n_neg, self.negatives == "support_scrambled")
         rows = rows.reshape(batch, count * self.n_neg, dim)  # (B, T n_neg, E), token-major as the reference
-        negatives = self._head(rows)  # (B, T n_neg, L)
+        negatives = self.head(rows)  # (B, T n_neg, L)
         keep = keep_mask(count * self.n_neg, self.keep_prob, self.neg_seed, tokens.device)
         return negatives, keep.expand(batch, -1)
 
-    def _head(self, x: Tensor) -> Tensor:
+    def head(self, x: Tensor) -> Tensor:
         """The random head fc on rows x (..., E) -> (..., L)."""
         if self.head_weight.device != x.device:
             self.head_weight, self.head_bias = self.head_weight.to(x.device), self.head_bias.to(x.device)

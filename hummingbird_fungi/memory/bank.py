@@ -34,7 +34,7 @@ from hummingbird_fungi.fileio import json_safe, make_dirs, remove_temp_files, sa
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the recipe (spec) uses the memory options names (size, augmentation_epochs)
 SEALED_KEYS = ("features", "input_size", "num_classes", "shards", "count")  # what a finished bank records
 FEATURE_KEYS = ("kind", "backbone", "options")
 

@@ -9,11 +9,11 @@ images and masks, so a resumed build rebuilds the shards whose files changed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,40 +21,32 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hummingbird_fungi.config.schema import DataOptions, FeatureOptions, MemoryOptions
+from hummingbird_fungi.data.transforms import TrainTransform
 from hummingbird_fungi.distributed import barrier, rank_and_world
 from hummingbird_fungi.errors import ConfigError, DataError, worker_errors_unwrapped
-from hummingbird_fungi.features.base import PatchFeatures
+from hummingbird_fungi.features import EmbeddingFeatures, PatchFeatures, build_patch_features
 from hummingbird_fungi.memory.bank import FORMAT_VERSION, BankWriter, MemoryBank, shard_name
-from hummingbird_fungi.memory.labels import patches_per_image, patchify_labels, sample_patches, soft_labels
-from hummingbird_fungi.runtime import generator
+from hummingbird_fungi.memory.labels import bank_patches, patches_per_image, patchify_labels, soft_labels
+from hummingbird_fungi.models.encoders import Encoder
+from hummingbird_fungi.runtime import timed
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class BankSpec:
-    """How to fill a bank: sampling, augmentation epochs, storage dtypes and shard size."""
-
-    memory_size: int | None = 102400
-    epochs: int = 1
-    sampling: str = "label_aware"
-    void_to_background: bool = True
-    dtype: str = "float16"
-    label_dtype: str = "float16"
-    shard_images: int = 256
-    seed: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        """Fields for the manifest."""
-        return dict(self.__dict__)
+def bank_recipe(memory: MemoryOptions, seed: int, void_to_background: bool) -> dict[str, Any]:
+    """The manifest's `spec`: what of `memory` defines a bank's rows (not its location), the run seed and the
+    void rule resolved for the dataset."""
+    recipe = {key: value for key, value in memory.to_dict().items() if key != "path"}
+    return {**recipe, "void_to_background": void_to_background, "seed": seed}
 
 
-def _shard_plan(num_images: int, spec: BankSpec) -> list[tuple[int, int, int]]:
+def _shard_plan(num_images: int, memory: MemoryOptions) -> list[tuple[int, int, int]]:
     """(epoch, first image, end image) of every shard, epoch-major."""
     plan = []
-    for epoch in range(spec.epochs):
-        for start in range(0, num_images, spec.shard_images):
-            plan.append((epoch, start, min(start + spec.shard_images, num_images)))
+    for epoch in range(memory.augmentation_epochs):
+        for start in range(0, num_images, memory.shard_images):
+            plan.append((epoch, start, min(start + memory.shard_images, num_images)))
     return plan
 
 
@@ -87,8 +79,10 @@ def shard_sources(dataset, start: int, end: int) -> str | None:
     return _digest(entries)
 
 
-def bank_manifest(dataset, extractor: PatchFeatures, spec: BankSpec, manifest_extra: dict | None = None) -> dict:
-    """What a bank of `dataset`, `extractor` and `spec` records: the recipe a saved bank must match to be reused."""
+def bank_manifest(dataset, extractor: PatchFeatures, memory: MemoryOptions, seed: int,
+                  manifest_extra: dict | None = None) -> dict:
+    """What a bank of `dataset`, `extractor`, `memory` and `seed` records: the recipe a saved bank must match to be
+    reused."""
     if len(dataset) == 0:
         raise DataError("cannot build a memory bank from an empty dataset")
     height, width = dataset[0]["image"].shape[-2:]
@@ -104,16 +98,17 @@ def bank_manifest(dataset, extractor: PatchFeatures, spec: BankSpec, manifest_ex
         "dataset": dataset.info.name,
         "num_images": len(dataset),
         "files": file_list_digest(dataset),
-        "patches_per_image": patches_per_image(spec.memory_size, len(dataset), spec.epochs, grid[0] * grid[1]),
-        "spec": spec.as_dict(),
+        "patches_per_image": patches_per_image(memory.size, len(dataset), memory.augmentation_epochs,
+                                               grid[0] * grid[1]),
+        "spec": bank_recipe(memory, seed, memory.void_to_background(dataset.info.void_to_background)),
         **(manifest_extra or {}),
     }
 
 
-def _extract_shard(dataset, extractor: PatchFeatures, spec: BankSpec, epoch: int, start: int, end: int,
+def _extract_shard(dataset, extractor: PatchFeatures, spec: dict[str, Any], epoch: int, start: int, end: int,
                    n_img: int, batch_size: int, num_workers: int, device: torch.device,
                    progress: tqdm) -> tuple[np.ndarray, np.ndarray]:
-    """Features and soft labels of the sampled patches of images [start, end) at `epoch`."""
+    """Features and soft labels of the sampled patches of images [start, end) at `epoch` (`spec`: the recipe)."""
     from hummingbird_fungi.data.segmentation import collate
 
     dataset.set_epoch(epoch)
@@ -124,38 +119,36 @@ def _extract_shard(dataset, extractor: PatchFeatures, spec: BankSpec, epoch: int
     info = dataset.info
     feats, labels = [], []
     for batch in loader:
-        counts = patchify_labels(batch["mask"], patch, info.num_classes, spec.void_to_background)  # (B, N, C)
+        counts = patchify_labels(batch["mask"], patch, info.num_classes, spec["void_to_background"])  # (B, N, C)
         num_patches = counts.shape[1]
         if n_img < num_patches:
-            select = torch.stack([
-                sample_patches(counts[i], n_img, spec.sampling,
-                               generator(spec.seed + 1, epoch, int(idx)))
-                for i, idx in enumerate(batch["index"])])  # (B, n)
+            select = torch.stack([bank_patches(counts[i], n_img, spec["sampling"], spec["seed"], epoch, int(idx))
+                                  for i, idx in enumerate(batch["index"])])  # (B, n)
             counts = torch.gather(counts, 1, select.unsqueeze(-1).expand(-1, -1, counts.shape[-1]))
         else:
             select = None
         features = extractor(batch["image"].to(device), select, image_ids=batch["index"])  # (B, n, D)
-        feats.append(features.reshape(-1, features.shape[-1]).cpu().numpy().astype(spec.dtype))
-        labels.append(soft_labels(counts).reshape(-1, counts.shape[-1]).numpy().astype(spec.label_dtype))
+        feats.append(features.reshape(-1, features.shape[-1]).cpu().numpy().astype(spec["dtype"]))
+        labels.append(soft_labels(counts).reshape(-1, counts.shape[-1]).numpy().astype(spec["label_dtype"]))
         progress.update(len(batch["index"]))
     return np.concatenate(feats), np.concatenate(labels)
 
 
-def build_memory_bank(dataset, extractor: PatchFeatures, spec: BankSpec, path: str | Path | None = None,
+def build_memory_bank(dataset, extractor: PatchFeatures, memory: MemoryOptions, seed: int = 0,
                       manifest_extra: dict | None = None, batch_size: int = 4, num_workers: int = 0,
                       device: str | torch.device = "cpu", resume: bool = True,
                       distributed: bool = True) -> MemoryBank:
-    """Fill a memory bank from `dataset` (a SegmentationDataset with a train transform).
+    """Fill a memory bank from `dataset` (a SegmentationDataset with a train transform) as `memory` says.
 
-    With `path`, shards are written to `<path>.partial/` as they finish and the
+    With `memory.path`, shards are written to `<path>.partial/` as they finish and the
     directory becomes `<path>` when complete; an existing partial build with the same
     manifest is resumed. Without `path` the bank stays in RAM. Under torch.distributed
     (and `distributed`) each rank extracts every world-th shard and rank 0 seals the bank.
     """
     device = torch.device(device)
-    manifest = bank_manifest(dataset, extractor, spec, manifest_extra)
-    n_img = manifest["patches_per_image"]
-    plan = _shard_plan(len(dataset), spec)
+    manifest = bank_manifest(dataset, extractor, memory, seed, manifest_extra)
+    n_img, spec, path = manifest["patches_per_image"], manifest["spec"], memory.path
+    plan = _shard_plan(len(dataset), memory)
     rank, world = rank_and_world() if distributed else (0, 1)
     if world > 1 and path is None:
         raise ConfigError("a distributed build needs memory.path: ranks exchange shards through it")
@@ -208,20 +201,70 @@ def subsample_bank(bank: MemoryBank, n_img: int, rule: str = "label_aware") -> M
     """
     manifest = bank.manifest
     per_image, spec = manifest["patches_per_image"], manifest["spec"]
-    if spec["memory_size"] is not None:
+    if spec["size"] is not None:
         raise ConfigError("subsample_bank needs an unbounded bank (memory.size=null)")
     features = np.concatenate(bank.feature_blocks).reshape(-1, per_image, bank.dim)
     labels = np.concatenate(bank.label_blocks).reshape(-1, per_image, bank.num_classes)
     keep = []
     for item in range(len(features)):
         epoch, index = divmod(item, manifest["num_images"])
-        draws = generator(spec["seed"] + 1, epoch, index)
-        keep.append(sample_patches(torch.from_numpy(labels[item].astype(np.float32)), n_img, rule, draws).numpy())
+        keep.append(bank_patches(torch.from_numpy(labels[item].astype(np.float32)), n_img, rule, spec["seed"], epoch,
+                                 index).numpy())
     rows = np.stack(keep)[..., None]  # (items, n_img, 1)
-    new_spec = {**spec, "memory_size": n_img * len(features) // spec["epochs"], "sampling": rule}
+    new_spec = {**spec, "size": n_img * len(features) // spec["augmentation_epochs"], "sampling": rule}
     shards = [{**shard, "rows": (shard["images"][1] - shard["images"][0]) * n_img} for shard in manifest["shards"]]
     splits = np.cumsum([shard["rows"] for shard in shards])[:-1]  # one block per shard, as built
     return MemoryBank(
         np.split(np.take_along_axis(features, rows, 1).reshape(-1, bank.dim), splits),
         np.split(np.take_along_axis(labels, rows, 1).reshape(-1, bank.num_classes), splits),
         {**manifest, "patches_per_image": n_img, "spec": new_spec, "shards": shards, "count": n_img * len(features)})
+
+
+# --------------------------------------------------------------------------- a bank for an encoder and options
+
+
+def memory_transform(size: tuple[int, int], normalize: str, memory: MemoryOptions) -> TrainTransform:
+    """The memory-bank transform: train augmentation when `memory.augment`, else a plain resize."""
+    return TrainTransform(size, normalize=normalize, jitter=memory.augment, crop=memory.augment)
+
+
+def make_extractor(encoder: Encoder, features: FeatureOptions, train_set, memory: MemoryOptions, data: DataOptions,
+                   device: torch.device, seed: int, timings: dict[str, float] | None = None) -> PatchFeatures:
+    """The patch feature extractor of `features`, with its support set built when it needs one."""
+    extractor = build_patch_features(features.kind, encoder, features.fungi)
+    if extractor.needs_support:
+        with timed(timings, "support_bank_s"):
+            support_memory = dataclasses.replace(memory, size=features.support.size, path=None,
+                                                 augmentation_epochs=features.support.augmentation_epochs)
+            support = build_memory_bank(train_set, EmbeddingFeatures(encoder), support_memory, seed,
+                                        batch_size=data.batch_size, device=device, num_workers=data.num_workers,
+                                        distributed=False)
+            extractor.set_support(torch.from_numpy(np.concatenate(support.feature_blocks)).float(),
+                                  image_ids=support.row_images())
+    return extractor
+
+
+def build_memory(encoder: Encoder, train_set, *, input_size: tuple[int, int], features: FeatureOptions,
+                 memory: MemoryOptions, data: DataOptions, device: torch.device, seed: int,
+                 timings: dict[str, float] | None = None,
+                 manifest_extra: dict | None = None) -> tuple[MemoryBank, PatchFeatures]:
+    """The memory bank of `train_set` (loaded from memory.path when it exists, else built, and saved there).
+
+    A saved bank is reused only if it records this very recipe (features, data and file list, sampling,
+    seed, epochs, size, ...); otherwise BankMismatchError names the keys that differ.
+    """
+    torch.manual_seed(seed)
+    train_set = train_set.with_transform(memory_transform(input_size, data.normalize, memory), seed=seed)
+    extractor = make_extractor(encoder, features, train_set, memory, data, device, seed, timings)
+    path = memory.path
+    if path is not None and Path(path).exists():
+        recipe = bank_manifest(train_set, extractor, memory, seed, manifest_extra)
+        recipe.pop("model", None)  # how to reopen the model; what it computes is in features, input_size, spec
+        with timed(timings, "load_memory_s"):
+            bank = MemoryBank.load(path, expect_features=extractor.manifest(), expect_build=recipe)
+        log.info("loaded memory bank %s (%d rows, built from %s)", path, bank.count, bank.manifest.get("dataset"))
+        return bank, extractor
+    with timed(timings, "build_memory_s"):
+        bank = build_memory_bank(train_set, extractor, memory, seed, manifest_extra=manifest_extra,
+                                 batch_size=data.batch_size, num_workers=data.num_workers, device=device)
+    return bank, extractor

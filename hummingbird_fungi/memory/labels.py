@@ -1,7 +1,9 @@
 """Per-patch labels of a mask: class histograms (soft labels) and which patches a bounded bank keeps.
 
 The label-aware rule prefers patches of classes that cover few patches of their image
-(docs/protocol.md#label-aware-sampling); `patches_per_image` is the n_img of a bounded bank.
+(docs/protocol.md#label-aware-sampling); `patches_per_image` is the n_img of a bounded bank and
+`bank_patches` the seeded draw of an image's kept patches (the builder, `subsample_bank` and the
+feature study all call it, so their banks hold the same rows).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import torch
 
 from hummingbird_fungi.errors import ConfigError
+from hummingbird_fungi.runtime import generator
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,12 @@ def sample_patches(counts: torch.Tensor, n: int, rule: str, generator: torch.Gen
         raise ConfigError(f"unknown memory.sampling {rule!r}; choose label_aware or uniform")
     keep = torch.topk(score, n, largest=False).indices
     return keep.sort().values
+
+
+def bank_patches(counts: torch.Tensor, n: int, rule: str, seed: int, epoch: int, index: int) -> torch.Tensor:
+    """The `n` patch ids (n,) sorted that a bank of run seed `seed` keeps of image `index` at `epoch`, from its
+    (N, C) counts: `sample_patches` drawn from generator(seed + 1, epoch, index), so a draw depends on nothing else."""
+    return sample_patches(counts, n, rule, generator(seed + 1, epoch, index))
 
 
 def patches_per_image(memory_size: int | None, num_images: int, epochs: int, num_patches: int) -> int:

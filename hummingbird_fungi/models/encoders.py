@@ -23,6 +23,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 from torch import Tensor, nn
 from torchvision.models import VisionTransformer as TorchvisionVisionTransformer
 
+from hummingbird_fungi.config.schema import parse_size
 from hummingbird_fungi.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ VIT_PATCH_LAYER = "blocks.-1.attn.qkv"
 TORCHVISION_LAYER = "encoder.layers.-1.mlp.3"
 _FINGERPRINT_VALUES = 64
 
+DEFAULT_GRID = 32  # patches per side when no input size is given (the reference's 1,024 patches)
 FeatureFn = Callable[[nn.Module, Tensor], Any]
 
 
@@ -74,6 +76,13 @@ class Encoder(nn.Module):
             raise ConfigError(f"input size {height}x{width} is not a multiple of the patch size {self.patch_size} "
                               f"of encoder {self.name!r}")
         return height // self.patch_size, width // self.patch_size
+
+    def input_size(self, size: Any = None) -> tuple[int, int]:
+        """(H, W) from an int, [H, W] or 'HxW' (default: DEFAULT_GRID x DEFAULT_GRID patches), checked against
+        the patch size."""
+        height, width = (DEFAULT_GRID * self.patch_size,) * 2 if size is None else parse_size(size)
+        self.grid_size(height, width)
+        return int(height), int(width)
 
     def forward_tokens(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, num_prefix_tokens + h*w, E): prefix tokens, then patches row-major, after the norm.

@@ -28,19 +28,26 @@ log = logging.getLogger(__name__)
 def create_encoder(model: Any, *, patch_size: int | None = None, embed_dim: int | None = None,
                    feature_fn: FeatureFn | None = None, stride: int | None = None, name: str | None = None,
                    weights_id: str | None = None, output: str | None = None,
-                   device: str | torch.device | None = None, **backbone_kwargs: Any) -> Encoder:
+                   device: str | torch.device | None = None, seed: int | None = None,
+                   **backbone_kwargs: Any) -> Encoder:
     """Wrap `model` (an Encoder, a supported module, or a named backbone) in an Encoder, on `device` if given.
 
-    A `str` is a named backbone built by `load_backbone(model, device=device, **backbone_kwargs)`;
+    A `str` is a named backbone built by `load_backbone(model, device=device, **backbone_kwargs)` (weights=,
+    pretrained=, timm keywords; a random initialisation drawn from `seed` when given);
     `feature_fn` (with `patch_size`, `embed_dim`) wraps any module whose features that function
     returns; `stride` wraps a CNN returning a feature map at that stride (`output` picks a dict entry).
     """
     if isinstance(model, str):
-        _refuse_options(f"named backbone {model!r}", patch_size=patch_size, embed_dim=embed_dim,
-                        feature_fn=feature_fn, stride=stride, name=name, weights_id=weights_id, output=output)
+        _refuse_options(f"named backbone {model!r}", feature_fn=feature_fn, stride=stride, name=name,
+                        weights_id=weights_id, output=output)
+        sizes = {"patch_size": patch_size, "embed_dim": embed_dim}  # the named ViT's own architecture keywords
+        backbone_kwargs.update({key: value for key, value in sizes.items() if value is not None})
+        if seed is not None:
+            torch.manual_seed(seed)
         return load_backbone(model, **({"device": device} if device is not None else {}), **backbone_kwargs)
-    if backbone_kwargs:
-        raise ConfigError(f"options {sorted(backbone_kwargs)} only apply to named backbones (a str), "
+    if backbone_kwargs or seed is not None:
+        named_only = sorted(backbone_kwargs) + (["seed"] if seed is not None else [])
+        raise ConfigError(f"options {named_only} only apply to named backbones (a str), "
                           f"not to a {type(model).__name__}")
     encoder = _wrap(model, patch_size=patch_size, embed_dim=embed_dim, feature_fn=feature_fn, stride=stride,
                     name=name, weights_id=weights_id, output=output)

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import logging
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hummingbird_fungi.config.schema import RetrievalOptions, TransferOptions
 from hummingbird_fungi.memory.bank import MemoryBank
 from hummingbird_fungi.retrieval.indexes import FaissTrainedIndex, Index, build_index
 
 log = logging.getLogger(__name__)
 
 GATHER_ELEMENTS = 1 << 25  # 128 MB of float32 candidate features per re-scoring step
+Setting = tuple[int, float]  # (k, temperature) of one vote
+
+
+class ExtraCandidates(Protocol):
+    """Neighbours from outside the bank (video: propagated frames), merged with the bank's before the vote."""
+
+    def candidates(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The k best (cosines (n, k), soft labels (n, k, C)) for queries (n, D), or None when there are none."""
 
 
 def cosine_similarities(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -43,6 +53,8 @@ class LabelTransfer:
     With `rescore` the neighbour weights use cosines recomputed from the bank's stored
     features (the reference); `rerank` > k asks an approximate index for that many
     candidates and keeps the k best by exact cosine, read from the (memory-mapped) bank.
+    One search answers several (k, temperature) settings (`vote_settings`); extra
+    candidates (`ExtraCandidates`, e.g. propagated video frames) join the bank's before the vote.
     """
 
     def __init__(self, bank: MemoryBank, index: Index, k: int = 30, temperature: float = 0.02,
@@ -65,37 +77,82 @@ class LabelTransfer:
             index.add(block)
         return cls(bank, index, k=k, temperature=temperature, rescore=rescore, rerank=rerank)
 
-    def neighbours(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, D) queries -> similarities (n, k) (-inf where the index found none) and row ids (n, k)."""
-        scores, ids = self.index.search(flat, self.rerank)  # (n, k') with k' >= k
-        return self.refine(flat, scores, ids)
+    @classmethod
+    def from_options(cls, bank: MemoryBank, retrieval: RetrievalOptions | None = None,
+                     transfer: TransferOptions | None = None) -> "LabelTransfer":
+        """The label transfer of the `retrieval` and `transfer` sections over `bank`."""
+        retrieval, transfer = retrieval or RetrievalOptions(), transfer or TransferOptions()
+        return cls.from_bank(bank, retrieval.backend, k=retrieval.k, temperature=transfer.temperature,
+                             rescore=transfer.rescore, rerank=transfer.rerank, **retrieval.options)
 
-    def refine(self, flat: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def setting(self) -> Setting:
+        """This transfer's own (k, temperature)."""
+        return self.k, self.temperature
+
+    def neighbours(self, flat: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, D) queries -> similarities (n, k) (-inf where the index found none) and row ids (n, k)."""
+        k = self.k if k is None else min(k, self.bank.count)
+        scores, ids = self.index.search(flat, max(self.rerank, k))  # (n, k') with k' >= k
+        return self.refine(flat, scores, ids, k)
+
+    def refine(self, flat: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor,
+               k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Index answers (n, k') for queries (n, D) -> the k best (n, k), rescored from the bank when asked."""
+        k = self.k if k is None else k
         # gathered candidate features (rows, k', D) stay under GATHER_ELEMENTS floats at a time
         step = max(1, GATHER_ELEMENTS // (ids.shape[1] * flat.shape[1]))
-        parts = [self._best(flat[i:i + step], scores[i:i + step], ids[i:i + step]) for i in range(0, len(flat), step)]
+        parts = [self._best(flat[i:i + step], scores[i:i + step], ids[i:i + step], k)
+                 for i in range(0, len(flat), step)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _best(self, flat: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _best(self, flat: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor,
+              k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rescore candidates (n, k') of queries (n, D) from the bank and keep the k best."""
         missing = ids < 0
         ids = ids.clamp_min(0)
         if self.rescore:
             scores = cosine_similarities(flat, self.bank.gather_features(ids))
         scores = scores.masked_fill(missing, float("-inf"))
-        if self.rerank > self.k:
-            scores, order = scores.topk(self.k, dim=1)
+        if scores.shape[1] > k:
+            scores, order = scores.topk(k, dim=1)
             ids = torch.gather(ids, 1, order)
         return scores, ids
 
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) query features -> (B, N, C) class distributions."""
+    def candidates(self, flat: torch.Tensor, k: int | None = None,
+                   extra: ExtraCandidates | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best neighbours of queries (n, D): cosines (n, k) and soft labels (n, k, C), `extra`'s merged in."""
+        k = self.k if k is None else k
+        sims, ids = self.neighbours(flat, k)
+        labels = self.bank.gather_labels(ids)  # (n, k, C)
+        more = None if extra is None else extra.candidates(flat, k)
+        if more is not None:
+            sims, order = torch.cat([sims, more[0]], dim=1).topk(k, dim=1)
+            labels = torch.gather(torch.cat([labels, more[1]], dim=1), 1,
+                                  order[..., None].expand(-1, -1, labels.shape[-1]))
+        return sims, labels
+
+    def vote_settings(self, features: torch.Tensor, settings: Sequence[Setting] | None = None,
+                      extra: ExtraCandidates | None = None) -> dict[Setting, torch.Tensor]:
+        """(B, N, D) query features -> {(k, T): (B, N, C) class distributions}, every setting from one search
+        of the largest k (default: this transfer's own setting)."""
+        settings = list(settings or [self.setting])
         batch, num, dim = features.shape
         flat = features.reshape(-1, dim).float().cpu()
-        sims, ids = self.neighbours(flat)
-        probs = vote(sims, self.bank.gather_labels(ids), self.temperature)  # (BN, C)
-        return probs.reshape(batch, num, -1)
+        widest = min(max(k for k, _ in settings), self.bank.count)
+        sims, labels = self.candidates(flat, widest, extra)
+        out = {}
+        for k, temperature in settings:
+            top_sims, top_labels = sims, labels
+            if min(k, self.bank.count) < sims.shape[1]:  # the k best of the widest answer
+                top_sims, order = sims.topk(k, dim=1)
+                top_labels = torch.gather(labels, 1, order[..., None].expand(-1, -1, labels.shape[-1]))
+            out[(k, temperature)] = vote(top_sims, top_labels, temperature).reshape(batch, num, -1)
+        return out
+
+    def __call__(self, features: torch.Tensor, extra: ExtraCandidates | None = None) -> torch.Tensor:
+        """(B, N, D) query features -> (B, N, C) class distributions at this transfer's own setting."""
+        return self.vote_settings(features, [self.setting], extra)[self.setting]
 
 
 def patch_probs_to_map(probs: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -126,10 +183,3 @@ def upsample_argmax(maps: torch.Tensor, size: tuple[int, int], class_chunk: int 
             best_value = torch.where(better, value, best_value)
             best_class = torch.where(better, cls, best_class)
     return best_class
-
-
-def predict_masks(transfer: LabelTransfer, features: torch.Tensor, grid: tuple[int, int],
-                  sizes: list[tuple[int, int]], class_chunk: int = 32) -> list[torch.Tensor]:
-    """(B, N, D) patch features -> one (H_i, W_i) int64 class map per image, at `sizes[i]`."""
-    probs = transfer(features)  # (B, N, C)
-    return [upsample_argmax(patch_probs_to_map(p, grid), size, class_chunk) for p, size in zip(probs, sizes)]

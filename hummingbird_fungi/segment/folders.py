@@ -20,10 +20,11 @@ from tqdm import tqdm
 
 from hummingbird_fungi.data.segmentation import IMAGE_EXTENSIONS
 from hummingbird_fungi.errors import DataError
-from hummingbird_fungi.eval.metrics import ConfusionMatrix, pixel_accuracy
+from hummingbird_fungi.eval.metrics import pixel_accuracy
 from hummingbird_fungi.segment.segmenter import InContextSegmenter
 from hummingbird_fungi.data.transforms import read_image, read_mask
 from hummingbird_fungi.fileio import make_dirs, save_image
+from hummingbird_fungi.runtime import versions
 from hummingbird_fungi.segment.visualize import (mask_image, overlay_grid, overlay_with_legend, plot_miou_vs_memory,
                                                  plot_per_class_iou)
 
@@ -122,25 +123,18 @@ def write_mask(path: Path, mask: np.ndarray, colours: np.ndarray) -> None:
 # --------------------------------------------------------------------------- segmenting a folder
 
 
-def score_image(segmenter: InContextSegmenter, pred: np.ndarray, gt_path: Path, total: ConfusionMatrix,
-                unscored: Counter) -> tuple[dict[str, Any], np.ndarray | None]:
-    """Add one prediction to the running confusion matrix and its ground-truth ids outside the label space
-    to `unscored`: (its pixel accuracy, None when all void, or the problem; the gt)."""
+def read_ground_truth(gt_path: Path, size: tuple[int, int]) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """(the (h, w) ground truth of an image of `size`, or None with the problem recorded: unreadable, other size)."""
     try:
         gt = read_mask(gt_path)
     except DataError as exc:
         log.warning("no metrics for %s: %s", gt_path.stem, exc)
-        return {"ground_truth_error": str(exc)}, None
-    if gt.shape != pred.shape:
-        problem = f"ground truth {gt_path} is {gt.shape[1]}x{gt.shape[0]}, the image {pred.shape[1]}x{pred.shape[0]}"
+        return None, {"ground_truth_error": str(exc)}
+    if gt.shape != size:
+        problem = f"ground truth {gt_path} is {gt.shape[1]}x{gt.shape[0]}, the image {size[1]}x{size[0]}"
         log.warning("no metrics for %s: %s", gt_path.stem, problem)
-        return {"ground_truth_error": problem}, None
-    unscored += segmenter.unscored_ids(gt)
-    cm = segmenter.confusion_matrix()
-    cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(gt))
-    total.merge(cm)
-    accuracy = pixel_accuracy(cm.matrix)
-    return {"ground_truth": str(gt_path), "pixel_accuracy": None if math.isnan(accuracy) else accuracy}, gt
+        return None, {"ground_truth_error": problem}
+    return torch.from_numpy(gt), {"ground_truth": str(gt_path)}
 
 
 def segment_files(segmenter: InContextSegmenter, files: Sequence[Path], out: str | Path,
@@ -164,28 +158,40 @@ def segment_files(segmenter: InContextSegmenter, files: Sequence[Path], out: str
     start = time.perf_counter()
     with tqdm(total=len(files), desc="segment", unit="img") as progress:
         for first in range(0, len(files), batch_size):
-            loaded = []
+            loaded, targets, scores = [], [], []
             for path in files[first:first + batch_size]:
                 try:
-                    loaded.append((path, read_image(path)))
+                    image = read_image(path)
                 except DataError as exc:
                     log.warning("skipping %s: %s", path.name, exc)
                     failed.append({"file": str(path), "error": str(exc)})
-            preds = segmenter.predict_batch([image for _, image in loaded], batch_size) if loaded else []
-            for (path, image), pred in zip(loaded, preds):
+                    continue
+                gt, score = None, {}
+                if ground_truth is not None and path.stem in ground_truth:
+                    gt, score = read_ground_truth(ground_truth[path.stem], (image.height, image.width))
+                if gt is not None:
+                    unscored += segmenter.unscored_ids(gt.numpy())
+                loaded.append((path, image))
+                targets.append(gt)
+                scores.append(score)
+            predictions = segmenter.predictions([image for _, image in loaded], targets) if loaded else []
+            for (path, image), gt, record, prediction in zip(loaded, targets, scores, predictions):
+                pred = segmenter.mask(prediction)
                 write_mask(out / "masks" / f"{path.stem}.png", pred, segmenter.colours)
                 save_image(out / "overlays" / f"{path.stem}.png", Image.fromarray(
                     overlay_with_legend(image, pred, segmenter.class_names, segmenter.colours)))
-                record: dict[str, Any] = {"file": str(path), "mask": f"masks/{path.stem}.png",
-                                          "overlay": f"overlays/{path.stem}.png", "size": list(pred.shape)}
-                gt = None
-                if ground_truth is not None and path.stem in ground_truth:
-                    scores, gt = score_image(segmenter, pred, ground_truth[path.stem], total, unscored)
-                    record.update(scores)
+                record = {"file": str(path), "mask": f"masks/{path.stem}.png", "overlay": f"overlays/{path.stem}.png",
+                          "size": list(pred.shape), **record}
+                if prediction.confusions is not None:
+                    matrix = prediction.confusions[segmenter.transfer.setting]
+                    total.matrix += matrix
+                    accuracy = pixel_accuracy(matrix)
+                    record["pixel_accuracy"] = None if math.isnan(accuracy) else accuracy
                 if path in shown:
                     accuracy = record.get("pixel_accuracy")
                     label = path.stem if accuracy is None else f"{path.stem}\npixel acc {100 * accuracy:.1f}%"
-                    rows.append({"image": image, "pred": pred, "gt": gt, "name": label})
+                    rows.append({"image": image, "pred": pred, "gt": None if gt is None else gt.numpy(),
+                                 "name": label})
                 records.append(record)
             progress.update(len(files[first:first + batch_size]))
     seconds = time.perf_counter() - start
@@ -258,8 +264,6 @@ def segment_folder(segmenter: InContextSegmenter, images: str | Path, out: Path,
 
     `listing` is `list_images(images)` when the caller already made it (to check the input first).
     """
-    from hummingbird_fungi.eval.hbird import versions
-
     start = time.perf_counter()
     files, duplicates, ignored = listing or list_images(images)
     result = segment_files(segmenter, files, out, masks_by_stem(ground_truth), batch_size, grid_rows)

@@ -22,7 +22,6 @@ from tqdm import tqdm
 from hummingbird_fungi.config.schema import (
     DataOptions,
     FeatureOptions,
-    FungiOptions,
     MemoryOptions,
     RetrievalOptions,
     SupportOptions,
@@ -32,13 +31,14 @@ from hummingbird_fungi.data.custom import as_image, as_mask as as_id_map
 from hummingbird_fungi.data.segmentation import DatasetInfo, SegmentationDataset, check_labels, read_folder_info
 from hummingbird_fungi.data.transforms import EvalTransform, read_image, read_mask
 from hummingbird_fungi.errors import ConfigError, DataError
-from hummingbird_fungi.eval.hbird import build_memory, input_size_for, make_transfer, metric_summary
-from hummingbird_fungi.eval.metrics import ConfusionMatrix
+from hummingbird_fungi.eval.metrics import ConfusionMatrix, metric_summary
 from hummingbird_fungi.features import PatchFeatures, build_patch_features
 from hummingbird_fungi.memory.bank import MemoryBank, npy_shape, read_manifest
+from hummingbird_fungi.memory.build import build_memory
 from hummingbird_fungi.models.encoders import Encoder
 from hummingbird_fungi.models.factory import create_encoder
-from hummingbird_fungi.retrieval.transfer import patch_probs_to_map, upsample_argmax, upsample_probs
+from hummingbird_fungi.retrieval.predict import Prediction, QueryBatch, predict
+from hummingbird_fungi.retrieval.transfer import ExtraCandidates, LabelTransfer, patch_probs_to_map, upsample_probs
 from hummingbird_fungi.runtime import resolve_device, timed
 from hummingbird_fungi.segment.visualize import palette as class_palette
 
@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 MaskInput = str | os.PathLike | Image.Image | np.ndarray
 DEFAULT_LONG_SIDE = 448
+# what a user's examples fill by default: every patch, one clean pass, void pixels left out of the soft labels
+SEGMENT_MEMORY = MemoryOptions(size=None, augment=False, void="ignore")
+SEGMENT_DATA = DataOptions(normalize="imagenet", num_workers=0)
+SEGMENT_FEATURES = FeatureOptions(support=SupportOptions(size=None))  # FUNGI negatives: every example patch
 VOC_VOID = 255
 MAX_INFERRED_CLASSES = 1024  # an inferred class count above this is a void id taken for a class
 
@@ -150,16 +154,10 @@ def build_record(manifest: dict) -> dict:
     return manifest.get("segmenter") or manifest.get("model") or {}
 
 
-def make_encoder(backbone: Any, weights: str | Path | None, pretrained: bool, backbone_kwargs: dict | None,
-                 device: torch.device, seed: int) -> Encoder:
-    """`backbone` as an encoder: a module or Encoder wrapped, a name loaded with its weights (random init seeded)."""
-    from hummingbird_fungi.models.backbones import load_backbone
-
-    if not isinstance(backbone, str):
-        return create_encoder(backbone).to(device)
-    torch.manual_seed(seed)
-    return load_backbone(backbone, weights=None if weights is None else str(weights), pretrained=pretrained,
-                         device=device, **(backbone_kwargs or {}))
+def _encoder(backbone: Any, device: torch.device, **named: Any) -> Encoder:
+    """`backbone` on `device`: a name made by `create_encoder` with `named` (weights, pretrained, seed, timm
+    keywords), a module or Encoder wrapped as it is."""
+    return create_encoder(backbone, device=device, **(named if isinstance(backbone, str) else {}))
 
 
 # --------------------------------------------------------------------------- segmenter
@@ -182,55 +180,51 @@ class InContextSegmenter:
     """A frozen ViT plus a memory bank of labelled patch features: k-NN label transfer segments new images."""
 
     def __init__(self, extractor: PatchFeatures, bank: MemoryBank, input_size: tuple[int, int],
-                 normalize: str = "imagenet", k: int = 30, temperature: float = 0.02, backend: str = "torch",
-                 backend_options: dict | None = None, match_orientation: bool = True, class_chunk: int = 32,
+                 normalize: str = "imagenet", retrieval: RetrievalOptions | None = None,
+                 transfer: TransferOptions | None = None, match_orientation: bool = True,
                  device: str | torch.device = "auto", timings: dict[str, float] | None = None) -> None:
         self.extractor, self.bank = extractor, bank
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.normalize, self.match_orientation = normalize, match_orientation
         self.device = resolve_device(device)
         self.timings = {} if timings is None else timings
-        self.retrieval = RetrievalOptions(backend=backend, k=k, options=dict(backend_options or {}))
-        self.transfer_options = TransferOptions(temperature=temperature, class_chunk=class_chunk)
-        self.class_chunk = self.transfer_options.class_chunk
-        self.settings = {"k": k, "temperature": temperature, "backend": backend,
-                         "backend_options": dict(backend_options or {})}
+        self.retrieval, self.transfer_options = retrieval or RetrievalOptions(), transfer or TransferOptions()
+        self.settings = {"k": self.retrieval.k, "temperature": self.transfer_options.temperature,
+                         "backend": self.retrieval.backend, "backend_options": dict(self.retrieval.options)}
         with timed(self.timings, "build_index_s"):
-            self.transfer = make_transfer(bank, self.retrieval, self.transfer_options)
+            self.transfer = LabelTransfer.from_options(bank, self.retrieval, self.transfer_options)
         self._transforms: dict[tuple[int, int], EvalTransform] = {}
 
     # ----------------------------------------------------------------- construction
 
     @classmethod
     def from_examples(cls, images: Sequence[ImageInput], masks: Sequence[MaskInput],
-                      backbone: Any = "dinov2_vits14", weights: str | Path | None = None,
-                      features: str = "embeddings", feature_options: FungiOptions | dict | None = None,
-                      input_size: tuple[int, int] | None = None, k: int = 30, temperature: float = 0.02,
-                      backend: str = "torch", num_classes: int | None = None, ignore_index: int | None = None,
-                      class_names: Sequence[str] | None = None, augment_epochs: int = 0,
-                      memory_size: int | None = None, device: str = "auto", pretrained: bool = True,
-                      backbone_kwargs: dict | None = None, normalize: str = "imagenet",
-                      sampling: str = "label_aware", batch_size: int = 4, seed: int = 0,
-                      long_side: int = DEFAULT_LONG_SIDE, palette: Sequence[Sequence[int]] | None = None,
-                      dataset_yaml: str | Path | None = None, **options: Any) -> "InContextSegmenter":
+                      backbone: Any = "dinov2_vits14", *, weights: str | Path | None = None, pretrained: bool = True,
+                      backbone_kwargs: dict | None = None, input_size: tuple[int, int] | None = None,
+                      long_side: int = DEFAULT_LONG_SIDE, features: FeatureOptions | None = None,
+                      memory: MemoryOptions | None = None, retrieval: RetrievalOptions | None = None,
+                      transfer: TransferOptions | None = None, data: DataOptions | None = None,
+                      num_classes: int | None = None, ignore_index: int | None = None,
+                      class_names: Sequence[str] | None = None, palette: Sequence[Sequence[int]] | None = None,
+                      dataset_yaml: str | Path | None = None, device: str = "auto", seed: int = 0,
+                      match_orientation: bool = True) -> "InContextSegmenter":
         """Build the memory bank from annotated examples (paths, PIL images or arrays) held in RAM.
 
         Masks hold class ids. The label space is `num_classes`, `ignore_index`, `class_names` (and
         `palette`), else what `dataset_yaml` (a dataset.yaml file) says; without either C is the number
         of class names or, with a warning, the largest id + 1, and id 255 is void when the other ids
         are small (as in VOC). Ids outside the label space and masks without a class pixel are refused.
-        The input size defaults to multiples of the patch with
-        the long side near `long_side` and the examples' median aspect. `memory_size=None` keeps every
-        patch; `augment_epochs=N` fills the bank from N passes of the benchmark's train augmentation
-        instead of one clean pass. `backbone` is a name or any model `create_encoder` takes; `palette`
-        ([r, g, b] per class) colours the written masks and overlays.
-        Further keywords (backend_options, match_orientation, class_chunk) go to the constructor.
+        The input size defaults to multiples of the patch with the long side near `long_side` and the
+        examples' median aspect. The option sections are those of `evaluate`; their defaults here are
+        a user's (SEGMENT_MEMORY: every patch, no augmentation; SEGMENT_DATA: ImageNet normalisation).
+        `backbone` is a name or any model `create_encoder` takes; `palette` ([r, g, b] per class) colours
+        the written masks and overlays.
         """
+        features, memory = features or SEGMENT_FEATURES, memory or SEGMENT_MEMORY
+        data = data or SEGMENT_DATA
         if len(images) != len(masks) or not images:
             raise DataError(f"need the same positive number of example images and masks, "
                             f"got {len(images)} and {len(masks)}")
-        if feature_options and features != "fungi":
-            raise ConfigError(f"feature options {sorted(feature_options)} given for {features!r} features")
         timings: dict[str, float] = {}
         device_ = resolve_device(device)
         if dataset_yaml is not None:
@@ -254,36 +248,29 @@ class InContextSegmenter:
             raise ConfigError(f"{len(class_names)} class names for {num_classes} classes")
         info = DatasetInfo("examples", num_classes, ignore_index, class_names, False)
         check_examples(labels, mask_names, info)
-        feature_section = FeatureOptions(
-            kind=features,  # type: ignore[arg-type]
-            fungi=FungiOptions.from_mapping(feature_options) if isinstance(feature_options, dict)
-            else feature_options or FungiOptions(), support=SupportOptions(size=memory_size))
-        memory = MemoryOptions(size=memory_size, augmentation_epochs=max(augment_epochs, 1),
-                               augment=augment_epochs > 0, sampling=sampling, void="ignore")  # type: ignore[arg-type]
-        data = DataOptions(normalize=normalize, batch_size=batch_size, num_workers=0)  # type: ignore[arg-type]
-        RetrievalOptions(backend=backend, k=k), TransferOptions(temperature=temperature)  # checked before the model
         with timed(timings, "load_backbone_s"):
-            net = make_encoder(backbone, weights, pretrained, backbone_kwargs, device_, seed)
-        size = input_size_for(net, input_size) if input_size else default_input_size(
+            net = _encoder(backbone, device_, weights=weights, pretrained=pretrained, seed=seed,
+                           **(backbone_kwargs or {}))
+        size = net.input_size(input_size) if input_size else default_input_size(
             [(p.height, p.width) for p in pictures], net.patch_size, long_side)
         record = {"weights": None if weights is None else str(weights),
                   "pretrained": net.weights_id != "random",
-                  "backbone_kwargs": dict(backbone_kwargs or {}), "normalize": normalize,
-                  "ignore_index": ignore_index, "seed": seed, "augment_epochs": augment_epochs}
+                  "backbone_kwargs": dict(backbone_kwargs or {}), "normalize": data.normalize,
+                  "ignore_index": ignore_index, "seed": seed}
         log.info("building a memory bank from %d examples at input %dx%d (H x W), %d classes, %s features",
-                 len(pictures), size[0], size[1], num_classes, features)
+                 len(pictures), size[0], size[1], num_classes, features.kind)
         bank, extractor = build_memory(net, ExampleSet(pictures, labels, names, info, seed), input_size=size,
-                                       features=feature_section, memory=memory, data=data, device=device_,
+                                       features=features, memory=memory, data=data, device=device_,
                                        seed=seed, timings=timings,
                                        manifest_extra={"segmenter": record, "palette": palette})
-        return cls(extractor, bank, size, normalize=normalize, k=k, temperature=temperature, backend=backend,
-                   device=device_, timings=timings, **options)
+        return cls(extractor, bank, size, normalize=data.normalize, retrieval=retrieval, transfer=transfer,
+                   match_orientation=match_orientation, device=device_, timings=timings)
 
     @classmethod
-    def from_memory(cls, path: str | Path, backbone: Any = None,
-                    weights: str | Path | None = None, k: int = 30, temperature: float = 0.02,
-                    backend: str = "torch", device: str = "auto", input_size: tuple[int, int] | None = None,
-                    **options: Any) -> "InContextSegmenter":
+    def from_memory(cls, path: str | Path, backbone: Any = None, *, weights: str | Path | None = None,
+                    retrieval: RetrievalOptions | None = None, transfer: TransferOptions | None = None,
+                    device: str = "auto", input_size: tuple[int, int] | None = None,
+                    match_orientation: bool = True) -> "InContextSegmenter":
         """Load a saved bank (from `save` or `hbfungi build-memory`) with the backbone, weights and feature
         options it records unless given; a bank built with other features is refused (BankMismatchError)."""
         timings: dict[str, float] = {}
@@ -299,8 +286,9 @@ class InContextSegmenter:
                                 f"pass the weights file")
             log.info("using the weights the bank records: %s", weights)
         with timed(timings, "load_backbone_s"):
-            net = make_encoder(backbone or recorded["backbone"], weights, record.get("pretrained", True),
-                               record.get("backbone_kwargs"), device_, record.get("seed", 0))
+            net = _encoder(backbone or recorded["backbone"], device_, weights=weights,
+                           pretrained=record.get("pretrained", True), seed=record.get("seed", 0),
+                           **(record.get("backbone_kwargs") or {}))
         extractor = build_patch_features(recorded["kind"], net, recorded["options"])
         if extractor.needs_support:
             load_support(extractor, Path(path))
@@ -308,8 +296,9 @@ class InContextSegmenter:
             bank = MemoryBank.load(path, expect_features=extractor.manifest())
         log.info("loaded memory bank %s: %d rows, %d classes", path, bank.count, bank.num_classes)
         normalize = record.get("normalize") or manifest.get("data", {}).get("normalize", "imagenet")
-        return cls(extractor, bank, tuple(input_size or manifest["input_size"]), normalize=normalize, k=k,
-                   temperature=temperature, backend=backend, device=device_, timings=timings, **options)
+        return cls(extractor, bank, tuple(input_size or manifest["input_size"]), normalize=normalize,
+                   retrieval=retrieval, transfer=transfer, match_orientation=match_orientation, device=device_,
+                   timings=timings)
 
     def save(self, path: str | Path) -> Path:
         """Save the memory bank (with what built it, and a FUNGI support set) for `from_memory`."""
@@ -368,31 +357,42 @@ class InContextSegmenter:
             return (big, small) if height > width else (small, big)
         return self.input_size
 
-    def patch_maps(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        """Patch-level class distributions (C, h', w') of RGB images, batched by network input size."""
-        maps: list[torch.Tensor | None] = [None] * len(images)
+    def query_batches(self, images: Sequence[Image.Image], targets: Sequence[Any] | None = None
+                      ) -> list[QueryBatch]:
+        """RGB images grouped by network input size into query batches; keys are positions in `images`, masks
+        are wanted at each image's own size, `targets` (ground truth or None per image) are scored."""
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, image in enumerate(images):
             groups[self.network_size(image.height, image.width)].append(i)
+        batches = []
         for size, ids in groups.items():
             transform = self._transforms.setdefault(size, EvalTransform(size, normalize=self.normalize))
-            batch = torch.stack([transform(images[i])[0] for i in ids]).to(self.device)  # (B, 3, H, W)
-            probs = self.transfer(self.extractor(batch))  # (B, N, C)
-            grid = self.backbone.grid_size(*size)
-            for i, row in zip(ids, probs):
-                maps[i] = patch_probs_to_map(row, grid)  # (C, h', w')
-        return maps
+            batches.append(QueryBatch(
+                self.backbone.grid_size(*size), [(images[i].height, images[i].width) for i in ids],
+                images=torch.stack([transform(images[i])[0] for i in ids]),  # (B, 3, H, W)
+                targets=None if targets is None else [targets[i] for i in ids], keys=ids))
+        return batches
+
+    def predictions(self, images: Sequence[Image.Image], targets: Sequence[Any] | None = None,
+                    extra: ExtraCandidates | None = None) -> list[Prediction]:
+        """The predict-and-score loop on RGB images (targets: ground truth or None per image), in input order."""
+        start = time.perf_counter()
+        out = sorted(predict(self.query_batches(images, targets), self.transfer, self.extractor,
+                             ignore_index=self.ignore_index, class_chunk=self.transfer_options.class_chunk,
+                             device=self.device, extra=extra), key=lambda prediction: prediction.key)
+        self.timings["predict_s"] = self.timings.get("predict_s", 0.0) + time.perf_counter() - start
+        return out
+
+    def mask(self, prediction: Prediction) -> np.ndarray:
+        """The class-id mask (h, w) of a prediction, uint8 (uint16 beyond 256 classes)."""
+        return prediction.masks[self.transfer.setting].numpy().astype(self.mask_dtype)
 
     def predict_batch(self, images: Sequence[ImageInput], batch_size: int = 8) -> list[np.ndarray]:
         """Class-id masks (h, w) of each image at its original (EXIF-rotated) size."""
         out = []
-        start = time.perf_counter()
         for first in range(0, len(images), batch_size):
             chunk = [as_rgb(image) for image in images[first:first + batch_size]]
-            for image, maps in zip(chunk, self.patch_maps(chunk)):
-                mask = upsample_argmax(maps, (image.height, image.width), self.class_chunk)  # (h, w)
-                out.append(mask.numpy().astype(self.mask_dtype))
-        self.timings["predict_s"] = self.timings.get("predict_s", 0.0) + time.perf_counter() - start
+            out += [self.mask(prediction) for prediction in self.predictions(chunk)]
         return out
 
     def predict(self, image: ImageInput) -> np.ndarray:
@@ -402,8 +402,10 @@ class InContextSegmenter:
     def predict_proba(self, image: ImageInput) -> np.ndarray:
         """Class scores (C, h, w) float32 at the image's original size (bilinear patch distributions)."""
         picture = as_rgb(image)
-        maps = self.patch_maps([picture])[0]
-        return upsample_probs(maps, (picture.height, picture.width)).numpy().astype(np.float32)
+        grid = self.backbone.grid_size(*self.network_size(picture.height, picture.width))
+        probs = self.predictions([picture])[0].probs  # (N, C)
+        return upsample_probs(patch_probs_to_map(probs, grid), (picture.height, picture.width)).numpy().astype(
+            np.float32)
 
     # ----------------------------------------------------------------- metrics
 
@@ -436,11 +438,12 @@ class InContextSegmenter:
         cm, unscored = self.confusion_matrix(), Counter()
         with tqdm(total=len(images), desc="evaluate", unit="img") as progress:
             for first in range(0, len(images), batch_size):
-                preds = self.predict_batch(images[first:first + batch_size], batch_size)
-                for pred, mask in zip(preds, masks[first:first + batch_size]):
-                    truth = as_mask(mask)
+                truths = [as_mask(mask) for mask in masks[first:first + batch_size]]
+                for truth in truths:
                     unscored += self.unscored_ids(truth)
-                    cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(truth))
-                progress.update(len(preds))
+                chunk = [as_rgb(image) for image in images[first:first + batch_size]]
+                for prediction in self.predictions(chunk, [torch.from_numpy(truth) for truth in truths]):
+                    cm.matrix += prediction.confusions[self.transfer.setting]
+                progress.update(len(chunk))
         self.warn_unscored(unscored)
         return self.metrics(cm)

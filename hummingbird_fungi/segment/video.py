@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hummingbird_fungi.data.transforms import EvalTransform, read_image, read_mask
+from hummingbird_fungi.data.transforms import read_image, read_mask
 from hummingbird_fungi.errors import ConfigError, DataError
-from hummingbird_fungi.eval.metrics import ConfusionMatrix, iou_per_class
+from hummingbird_fungi.eval.metrics import foreground_confusion, jaccard
 from hummingbird_fungi.fileio import make_dirs, save_image, write_json
-from hummingbird_fungi.retrieval.transfer import patch_probs_to_map, upsample_argmax, vote
+from hummingbird_fungi.runtime import versions
 from hummingbird_fungi.segment.folders import list_images, masks_by_stem, write_mask
 from hummingbird_fungi.segment.segmenter import InContextSegmenter
 from hummingbird_fungi.segment.visualize import overlay, overlay_with_legend, thumbnail
@@ -65,7 +65,7 @@ def video_strip(thumbnails: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-# --------------------------------------------------------------------------- inputs and scores
+# --------------------------------------------------------------------------- inputs
 
 
 def video_inputs(frames: str | Path, masks: str | Path,
@@ -91,23 +91,6 @@ def video_inputs(frames: str | Path, masks: str | Path,
     annotated = {first: given[first]} if annotate == "first" else given
     truth = {stem: path for stem, path in given.items() if stem not in annotated}
     return files, annotated, truth
-
-
-def foreground_confusion(pred: np.ndarray, gt: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
-    """(2, 2) counts of ground-truth background/foreground (rows) against predicted (columns); foreground =
-    id != 0, ground-truth void pixels dropped."""
-    target = torch.from_numpy((gt != 0).astype(np.int64))
-    if ignore_index is not None:
-        target[torch.from_numpy(gt == ignore_index)] = -1  # outside [0, 2): not counted
-    cm = ConfusionMatrix(2)
-    cm.update(torch.from_numpy((pred != 0).astype(np.int64)), target)
-    return cm.matrix.numpy()
-
-
-def jaccard(confusion: np.ndarray) -> float:
-    """Foreground IoU of a (2, 2) matrix; 1 when neither ground truth nor prediction has foreground (DAVIS)."""
-    iou = float(iou_per_class(torch.from_numpy(np.asarray(confusion)))[1])
-    return 1.0 if np.isnan(iou) else iou
 
 
 # --------------------------------------------------------------------------- propagation
@@ -153,35 +136,18 @@ class PropagatedFrames:
         return best, labels[ids]
 
 
-def frame_probs(segmenter: InContextSegmenter, features: torch.Tensor, memory: PropagatedFrames) -> torch.Tensor:
-    """(N, D) patch features -> (N, C) class distributions from the bank plus the propagated frames."""
-    transfer = segmenter.transfer
-    flat = features.float().cpu()
-    sims, ids = transfer.neighbours(flat)  # (N, k)
-    labels = segmenter.bank.gather_labels(ids)  # (N, k, C)
-    extra = memory.candidates(flat, transfer.k)
-    if extra is not None:
-        sims, order = torch.cat([sims, extra[0]], dim=1).topk(transfer.k, dim=1)
-        labels = torch.gather(torch.cat([labels, extra[1]], dim=1), 1,
-                              order[..., None].expand(-1, -1, labels.shape[-1]))
-    return vote(sims, labels, transfer.temperature)
-
-
 # --------------------------------------------------------------------------- a clip
 
 
 def segment_frame(segmenter: InContextSegmenter, image: Image.Image,
                   memory: PropagatedFrames) -> np.ndarray:
-    """Class-id mask (h, w) of one RGB frame; the frame joins `memory` with its predicted patch labels."""
-    size = segmenter.network_size(image.height, image.width)
-    batch = EvalTransform(size, normalize=segmenter.normalize)(image)[0][None].to(segmenter.device)
-    grid = segmenter.backbone.grid_size(*size)
+    """Class-id mask (h, w) of one RGB frame, the propagated frames of `memory` among its candidates; the frame
+    then joins `memory` with its predicted patch labels."""
+    grid = segmenter.backbone.grid_size(*segmenter.network_size(image.height, image.width))
     memory.check_grid(grid)
-    features = segmenter.extractor(batch)[0].detach()  # (N, D)
-    probs = frame_probs(segmenter, features, memory)  # (N, C)
-    memory.add(features.cpu(), probs, grid)
-    mask = upsample_argmax(patch_probs_to_map(probs, grid), (image.height, image.width), segmenter.class_chunk)
-    return mask.numpy().astype(segmenter.mask_dtype)
+    prediction = segmenter.predictions([image], extra=memory)[0]
+    memory.add(prediction.features.cpu(), prediction.probs, grid)
+    return segmenter.mask(prediction)
 
 
 def segment_clip(segmenter: InContextSegmenter, files: Sequence[Path], annotated: dict[str, Path],
@@ -233,8 +199,6 @@ def run_video(frames: str | Path, masks: str | Path, out: str | Path, annotate: 
 
     `options` go to `InContextSegmenter.from_examples`; returns the summary.
     """
-    from hummingbird_fungi.eval.hbird import versions
-
     start = time.perf_counter()
     out = Path(out)
     files, annotated, truth = video_inputs(frames, masks, annotate)
