@@ -85,32 +85,50 @@ def save_image(path: Path, image: Any, format: str = "PNG", **params: Any) -> No
     write_atomic(path, buffer.getvalue())
 
 
-def json_safe(value: Any) -> Any:
-    """`value` with non-finite floats as None and paths, tuples and numpy scalars as JSON types."""
+def json_safe(value: Any, options: str | None = None) -> Any:
+    """`value` with paths, tuples and numpy scalars as JSON types and non-finite floats as None (an undefined
+    metric); with `options` (the dotted name of a recorded configuration) a non-finite float is a ConfigError."""
     if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v, options and f"{options}.{k}") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
+        return [json_safe(v, options and f"{options}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
+        if options:
+            raise ConfigError(f"{options}={value!r}: a setting the run used is never written as null "
+                              f"(configurations hold finite numbers only)")
         return None
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
 
 
+RECORDED_OPTIONS = ("config", "segmenter")  # the keys of results that record what a run was configured with
+
+
 def write_json(path: str | Path, results: dict) -> Path:
-    """Write `results` as strict JSON (NaN/inf as null), atomically; parent folders are created."""
+    """Write `results` as strict JSON, atomically; parent folders are created. Undefined metrics (NaN) are
+    written as null; a non-finite number among the recorded settings (`RECORDED_OPTIONS`) is refused."""
     path = Path(path)
+    document = {str(key): json_safe(value, str(key) if key in RECORDED_OPTIONS else None)
+                for key, value in results.items()}
     make_dirs(path.parent)
-    write_atomic(path, (json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n").encode())
+    write_atomic(path, (json.dumps(document, indent=2, allow_nan=False) + "\n").encode())
     return path
 
 
-def make_dirs(folder: str | Path) -> Path:
-    """Create `folder` and its parents (a DataError naming it when that fails)."""
+def make_dirs(folder: str | Path, inside: str | Path | None = None) -> Path:
+    """Create `folder` and its parents (a DataError naming it when that fails). With `inside`, an output folder
+    above `folder`: a symbolic link at `folder` or between it and `inside` is refused, never written through."""
     folder = Path(folder)
+    if inside is not None:
+        part = Path(inside)
+        for name in folder.relative_to(inside).parts:
+            part = part / name
+            if part.is_symlink():
+                raise DataError(f"cannot create folder {folder}: {part} is a symbolic link, and outputs are never "
+                                f"written through a link; remove it or choose another output folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

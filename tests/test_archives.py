@@ -17,6 +17,7 @@ from hummingbird_fungi.errors import DataError
 from test_cityscapes import make_cityscapes
 from test_coco import make_coco_json, make_coco_panoptic, make_coco_pixel_maps
 from test_datasets import make_ade, make_folder, make_voc_flat, make_voc_official
+from optional_packages import requires_pycocotools
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' own, under numpy 2
 LAYOUTS = {  # name -> (generator, dataset kind, split)
@@ -49,7 +50,11 @@ def files_under(folder: Path) -> set[Path]:
     return {p for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+NEEDS_PYCOCOTOOLS = {"coco_json"}  # rendered from JSON (and written with compressed RLEs)
+
+
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=requires_pycocotools) if name in NEEDS_PYCOCOTOOLS
+                                    else name for name in sorted(LAYOUTS)])
 def test_a_tar_gives_the_folders_samples(layout, tmp_path):
     make, kind, split = LAYOUTS[layout]
     root = make(tmp_path / layout)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import hummingbird_fungi.models.backbones as bb
 from hummingbird_fungi.models.encoders import TimmViTEncoder
-from hummingbird_fungi.models.backbones import SHORT_NAMES, file_sha256, load_backbone, resolve_name
+from hummingbird_fungi.models.backbones import SHORT_NAMES, file_sha256, hub_weights_cached, load_backbone, resolve_name
 from hummingbird_fungi.errors import ConfigError, DataError
 
 SMALL = dict(depth=2, embed_dim=48, num_heads=2)  # tiny ViT overrides accepted by every timm ViT name
@@ -131,19 +131,68 @@ def test_random_init_is_frozen_and_warned(caplog: pytest.LogCaptureFixture) -> N
     assert (backbone.name, backbone.architecture, backbone.embed_dim) == ("vit_tiny_patch16_224",) * 2 + (48,)
 
 
-def test_unreachable_hub_fails_fast_with_advice(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bb, "_cached_hub_file", lambda cfg: None)
+# --------------------------------------------------------------------------- the local hub caches
+# The real lookup (huggingface_hub's cache, torch.hub's checkpoints folder) on empty caches in tmp_path, with
+# files planted where a download would have put them; nothing here touches the network or the user's caches.
+
+DINO_REPO = "timm/vit_small_patch16_224.dino"  # timm's hf_hub_id of dino_vits16
+DINO_URL_FILE = "dino_deitsmall16_pretrain.pth"  # the file name of its FAIR download URL
+
+
+@pytest.fixture
+def caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """Empty Hugging Face and torch.hub caches under tmp_path: (HF hub cache, torch.hub checkpoints folder)."""
+    from huggingface_hub import constants
+
+    hf, torch_home = tmp_path / "hf" / "hub", tmp_path / "torch"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf))
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(hf))
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf))  # huggingface_hub reads the variables at import
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # no set_dir(): torch.hub.get_dir() is $TORCH_HOME/hub
+    monkeypatch.setattr(bb, "_hub_reachable", lambda cfg: pytest.fail("the hub must not be contacted"))
+    return hf, torch_home / "hub" / "checkpoints"
+
+
+def plant_hf(cache: Path, repo: str, filename: str, data: bytes = b"weights", commit: str = "a" * 40) -> Path:
+    """A file as huggingface_hub caches a download: models--org--name/{refs/main, snapshots/<commit>/<file>}."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    path = folder / "snapshots" / commit / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_hub_weights_cached_finds_the_files_a_download_leaves(caches) -> None:
+    hf, checkpoints = caches
+    assert not hub_weights_cached("dino_vits16")
+    plant_hf(hf, "timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors")  # another model's weights
+    assert not hub_weights_cached("dino_vits16") and hub_weights_cached("dinov2_vits14")
+    cfg = timm.models.get_pretrained_cfg(resolve_name("dino_vits16"))
+    for filename in ("pytorch_model.bin", "model.safetensors"):  # either file of the repo
+        path = plant_hf(hf, DINO_REPO, filename)
+        assert hub_weights_cached("dino_vits16") and bb._cached_hub_file(cfg) == str(path)
+        path.unlink()
+    assert not hub_weights_cached("dino_vits16")
+    checkpoints.mkdir(parents=True)
+    (checkpoints / DINO_URL_FILE).write_bytes(b"weights")  # a torch.hub download of the FAIR URL
+    assert hub_weights_cached("vit_small_patch16_224.dino")
+    assert bb._cached_hub_file(cfg) == str(checkpoints / DINO_URL_FILE)
+
+
+def test_unreachable_hub_fails_fast_with_advice(caches, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bb, "_hub_reachable", lambda cfg: False)
     with pytest.raises(ConfigError, match="--weights FILE"):
         load_backbone("dino_vits16", **SMALL)
 
 
-def test_cached_hub_weights_load_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_hub_weights_load_without_network(caches) -> None:
     original = tiny("dino_vits16")
-    path = tmp_path / "model.safetensors"
+    path = plant_hf(caches[0], DINO_REPO, "model.safetensors")
     save_file({key: value.contiguous() for key, value in original.model.state_dict().items()}, str(path))
-    monkeypatch.setattr(bb, "_cached_hub_file", lambda cfg: str(path))
-    monkeypatch.setattr(bb, "_hub_reachable", lambda cfg: pytest.fail("the hub must not be contacted"))
     loaded = load_backbone("dino_vits16", **SMALL)
     assert loaded.weights_id == "hub:vit_small_patch16_224.dino"
     assert_same_tokens(loaded, original, 32, 32)

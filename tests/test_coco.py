@@ -1,7 +1,11 @@
 """COCO-Stuff/Things from generated files in each official layout: the coarse label spaces derived from JSON
-categories, stuff+thing pixel maps, stuff pixel maps, JSON rendered with pycocotools, panoptic PNGs."""
+categories, stuff+thing pixel maps, stuff pixel maps, JSON rendered with pycocotools, panoptic PNGs.
+
+Only the JSON layout needs pycocotools (to write compressed RLEs and to render): those tests carry
+`requires_pycocotools`; the others run without the coco extra."""
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +15,9 @@ from PIL import Image
 from hummingbird_fungi.data.coco import Category, categories_of, label_space
 from hummingbird_fungi.data.segmentation import build_dataset
 from hummingbird_fungi.errors import DataError
+from optional_packages import requires_pycocotools
 
-pytest.importorskip("pycocotools")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' own, under numpy 2
-from pycocotools import mask as mask_utils  # noqa: E402
 
 # The official COCO 2017 categories (instances: things; stuff: stuff and "other"), by supercategory.
 THINGS = {
@@ -132,6 +135,8 @@ def make_coco_stuff_pixel_maps(root: Path) -> Path:
 def rle(mask: np.ndarray, compressed: bool) -> dict:
     """COCO RLE of a boolean (h, w) mask: uncompressed counts (column-major runs) or pycocotools' string."""
     if compressed:
+        from pycocotools import mask as mask_utils  # only here: the other layouts need no pycocotools
+
         encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
         return {"size": list(mask.shape), "counts": encoded["counts"].decode()}
     flat = mask.flatten(order="F").astype(np.int64)
@@ -228,6 +233,7 @@ def test_stuff_pixel_maps_in_the_stuff_annotations_folder(tmp_path):
         build_dataset("coco_things", root, "val")  # stuff maps hold no things
 
 
+@requires_pycocotools
 def test_json_annotations_rendered_with_pycocotools(tmp_path):
     root = make_coco_json(tmp_path / "coco")
     person, vehicle, animal = (THINGS_12.index(n) for n in ("person", "vehicle", "animal"))
@@ -246,6 +252,21 @@ def test_json_annotations_rendered_with_pycocotools(tmp_path):
     assert (full[0] == 80 + 65).all() and full[2, 3] == 0  # sky-other, person
     assert full[4, 1] == 16 and full[5, 1] == 2  # dog over the crowd of cars
     assert full[5, 6] == 255  # only "other"
+
+
+def test_json_annotations_without_pycocotools_name_the_extra(tmp_path, monkeypatch):
+    """JSON-only COCO without pycocotools (blocked here, so this runs with and without the extras): a DataError
+    naming the coco extra when the dataset is built, not an ImportError inside a loader worker."""
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    monkeypatch.setitem(sys.modules, "pycocotools.mask", None)
+    root = tmp_path / "coco"
+    write_images(root / "images" / "val2017", ["000000000007"])
+    image = {"id": 7, "file_name": "000000000007.jpg", "height": SIZE[1], "width": SIZE[0]}
+    polygon = {"id": 1, "image_id": 7, "category_id": 1, "iscrowd": 0, "segmentation": [[1, 1, 6, 1, 6, 4, 1, 4]]}
+    write_json(root / "annotations" / "instances_val2017.json",
+               {"images": [image], "annotations": [polygon], "categories": category_json(THINGS)})
+    with pytest.raises(DataError, match=r"pycocotools.*hummingbird-fungi\[coco\]"):
+        build_dataset("coco_things", root, "val")
 
 
 def test_panoptic_annotations(tmp_path):

@@ -203,12 +203,36 @@ def test_no_nan_on_flat_images_and_under_inference_mode(backbone) -> None:
     assert ext(flat, torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0, ext.dim)
 
 
+def dtypes_seen(ext: FungiPatchFeatures, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, set]]:
+    """Features of `images` and the dtypes met inside: the gradient layer's output (the backbone's forward) and
+    the per-token gradients and inputs handed to the projection."""
+    seen: dict[str, set] = {"layer": set(), "projected": set()}
+    handle = ext.layer.register_forward_hook(lambda module, inputs, output: seen["layer"].add(output.dtype))
+    project = ext.projection.project_outer
+
+    def recording(g, a):
+        seen["projected"].update({g.dtype, a.dtype})
+        return project(g, a)
+
+    ext.projection.project_outer = recording
+    try:
+        return ext(images), seen
+    finally:
+        handle.remove()
+        del ext.projection.project_outer
+
+
 @pytest.mark.parametrize("projection", ["structured", "dense"])
-def test_bf16_autocast_path_is_finite_and_close(backbone, images, projection: str) -> None:
-    half = FungiPatchFeatures(backbone, projection=projection, autocast="bf16")(images)
-    full = FungiPatchFeatures(backbone, projection=projection)(images)
+def test_bf16_autocast_runs_in_bf16_and_stays_finite_and_close(backbone, images, projection: str) -> None:
+    """autocast='bf16' (on CPU too): the backbone's linear layers and the gradient projection compute in bfloat16
+    (the dtypes seen inside), the features come back float32, finite and close to the fp32 path, not equal."""
+    half, inside = dtypes_seen(FungiPatchFeatures(backbone, projection=projection, autocast="bf16"), images)
+    full, fp32 = dtypes_seen(FungiPatchFeatures(backbone, projection=projection, autocast="off"), images)
+    assert inside == {"layer": {torch.bfloat16}, "projected": {torch.bfloat16}}
+    assert fp32 == {"layer": {torch.float32}, "projected": {torch.float32}}
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert F.cosine_similarity(half[..., 32:], full[..., 32:], dim=-1).min() > 0.999
+    assert not torch.equal(half, full)  # bf16 rounding shows
 
 
 def test_grad_weight_zero_gives_embeddings(backbone, images) -> None:

@@ -1,31 +1,156 @@
-"""Label transfer against a hand computation, and chunked upsampling against the plain one."""
-
-import math
+"""Label transfer as production runs it (`LabelTransfer.vote_settings`, `retrieval.predict.predict`) against an
+independent numpy k-NN + softmax vote, bilinear upsampling and confusion matrix; chunked upsampling against the
+plain one; reranking and trained indexes."""
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hummingbird_fungi.retrieval.transfer import (LabelTransfer, aggregate_labels, attention_weights,
-                                              patch_probs_to_map, upsample_argmax)
 from hummingbird_fungi.memory.bank import MemoryBank
+from hummingbird_fungi.retrieval.predict import QueryBatch, predict
+from hummingbird_fungi.retrieval.transfer import LabelTransfer, patch_probs_to_map, upsample_argmax
+from optional_packages import requires_faiss
+from references import bilinear_matrix
+
+# ------------------------------------------------------------------ independent numpy reference (float64)
 
 
-def test_attention_by_hand():
-    query = torch.tensor([[2.0, 0.0]])  # not unit: normalised inside
-    keys = torch.tensor([[[1.0, 0.0], [0.0, 3.0]]])
-    w = attention_weights(query, keys, temperature=0.5)
-    e1, e0 = math.exp(1 / 0.5), math.exp(0.0)
-    assert torch.allclose(w, torch.tensor([[e1 / (e1 + e0), e0 / (e1 + e0)]]))
-    labels = torch.tensor([[[1.0, 0.0], [0.25, 0.75]]])
-    out = aggregate_labels(w, labels)
-    expected = [(e1 * 1 + e0 * 0.25) / (e1 + e0), (e0 * 0.75) / (e1 + e0)]
-    assert torch.allclose(out, torch.tensor([expected]))
+def cosines(queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(n, D), (M, D) -> (n, M) cosine similarities; a zero row has cosine 0 with everything."""
+    def unit(x):
+        x = x.astype(np.float64)
+        norm = np.linalg.norm(x, axis=-1, keepdims=True)
+        return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+    return unit(queries) @ unit(rows).T
 
 
-def test_zero_row_gets_zero_similarity():
-    w = attention_weights(torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.0, 0.0], [1.0, 0.0]]]), 1.0)
-    assert torch.allclose(w[0, 0] / w[0, 1], torch.tensor(math.exp(-1.0)))
+def knn_vote(sims: np.ndarray, labels: np.ndarray, k: int, temperature: float) -> np.ndarray:
+    """Each query's k most similar candidates (sims (n, M), labels (M, C) or (n, M, C)) weighted by
+    softmax(cosine / T) -> (n, C)."""
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # (n, k)
+    chosen = np.take_along_axis(sims, top, 1) / temperature
+    weights = np.exp(chosen - chosen.max(1, keepdims=True))
+    weights /= weights.sum(1, keepdims=True)
+    picked = labels[top] if labels.ndim == 2 else np.take_along_axis(labels, top[..., None], 1)  # (n, k, C)
+    return np.einsum("nk,nkc->nc", weights, picked)
+
+
+def bilinear(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(C, h, w) -> (C, H, W) bilinear upsampling with half-pixel centres (align_corners=False), by hand."""
+    rows, cols = bilinear_matrix(maps.shape[1], size[0]), bilinear_matrix(maps.shape[2], size[1])
+    return np.einsum("Hh,chw,Ww->cHW", rows, maps.astype(np.float64), cols)
+
+
+def confusion(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore: int) -> np.ndarray:
+    """(C, C) counts, rows ground truth; void and out-of-range targets dropped."""
+    keep = (target != ignore) & (target >= 0) & (target < num_classes)
+    return np.bincount(num_classes * target[keep] + pred[keep], minlength=num_classes ** 2).reshape(
+        num_classes, num_classes)
+
+
+def random_bank(rows: int = 200, dim: int = 8, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit float16 feature rows (one of them all-zero) and soft labels, as a bank stores them."""
+    gen = torch.Generator().manual_seed(seed)
+    feats = F.normalize(torch.randn(rows, dim, generator=gen), dim=-1)
+    feats[17] = 0.0  # a zero row: cosine 0 with every query
+    labels = torch.softmax(3 * torch.randn(rows, classes, generator=gen), -1)
+    return feats.half().numpy(), labels.half().numpy()
+
+
+class CountingIndex:
+    """Wraps an index and counts its searches."""
+
+    def __init__(self, index):
+        self.index, self.calls = index, []
+
+    def search(self, q, k):
+        self.calls.append(k)
+        return self.index.search(q, k)
+
+
+SETTINGS = [(3, 0.05), (10, 0.1), (1, 1.0), (10, 0.02)]
+
+
+def test_vote_settings_equal_a_numpy_knn_softmax_vote():
+    """Every (k, T) of one call equals the numpy vote over the k most similar bank rows, from one index search of
+    the largest k; queries need not be unit rows; stored float16 rows are rescored exactly."""
+    feats, labels = random_bank()
+    transfer = LabelTransfer.from_bank(MemoryBank.from_arrays(feats, labels, {}), "torch", k=10, temperature=0.1)
+    transfer.index = CountingIndex(transfer.index)
+    queries = 2.5 * torch.randn(2, 13, 8, generator=torch.Generator().manual_seed(1))  # (B, N, D)
+    voted = transfer.vote_settings(queries, SETTINGS)
+    assert transfer.index.calls == [10] and list(voted) == SETTINGS
+    sims = cosines(queries.reshape(-1, 8).numpy(), feats.astype(np.float32))
+    for k, temperature in SETTINGS:
+        expected = knn_vote(sims, labels.astype(np.float64), k, temperature).reshape(2, 13, -1)
+        np.testing.assert_allclose(voted[(k, temperature)].numpy(), expected, atol=1e-5,
+                                   err_msg=f"k={k} T={temperature}")
+    np.testing.assert_allclose(transfer(queries).numpy(), voted[(10, 0.1)].numpy(), atol=0)  # its own setting
+
+
+def test_a_zero_bank_row_counts_with_cosine_zero():
+    """A query orthogonal to every non-zero row but the first: the zero row votes with cosine 0, not NaN."""
+    feats = np.array([[1, 0, 0], [0, 0, 0], [0, 1, 0]], np.float32)
+    labels = np.eye(3, dtype=np.float32)
+    transfer = LabelTransfer.from_bank(MemoryBank.from_arrays(feats, labels, {}), "torch", k=3, temperature=1.0)
+    probs = transfer(torch.tensor([[[2.0, 0.0, 0.0]]]))[0, 0].numpy()
+    e = np.exp([1.0, 0.0, 0.0])
+    np.testing.assert_allclose(probs, e / e.sum(), atol=1e-6)
+
+
+class Propagated:
+    """Extra candidates (as video propagation supplies them): fixed rows with their own soft labels."""
+
+    def __init__(self, feats: np.ndarray, labels: np.ndarray):
+        self.feats, self.labels = torch.from_numpy(feats), torch.from_numpy(labels)
+
+    def candidates(self, query, k):
+        sims = F.normalize(query, dim=-1) @ F.normalize(self.feats, dim=-1).T
+        best, ids = sims.topk(min(k, len(self.feats)), dim=1)
+        return best, self.labels[ids]
+
+
+def test_extra_candidates_compete_with_the_bank_for_the_k_places():
+    feats, labels = random_bank(seed=2)
+    extra_feats, extra_labels = random_bank(rows=40, seed=3)
+    extra_feats[17] = extra_feats[16]  # no zero row here
+    transfer = LabelTransfer.from_bank(MemoryBank.from_arrays(feats, labels, {}), "torch", k=10, temperature=0.1)
+    extra = Propagated(extra_feats.astype(np.float32), extra_labels.astype(np.float32))
+    queries = torch.randn(1, 20, 8, generator=torch.Generator().manual_seed(4))
+    voted = transfer.vote_settings(queries, SETTINGS, extra)
+    flat = queries.reshape(-1, 8).numpy()
+    sims = np.concatenate([cosines(flat, feats.astype(np.float32)), cosines(flat, extra_feats.astype(np.float32))], 1)
+    pool = np.concatenate([labels, extra_labels]).astype(np.float64)
+    for k, temperature in SETTINGS:
+        expected = knn_vote(sims, pool, k, temperature)
+        np.testing.assert_allclose(voted[(k, temperature)][0].numpy(), expected, atol=1e-5, err_msg=f"k={k}")
+
+
+def test_predict_masks_and_confusions_equal_the_numpy_pipeline():
+    """predict(): per image and setting, the argmax of the bilinearly upsampled (half-pixel) patch votes, and its
+    confusion matrix against a target with void pixels."""
+    feats, labels = random_bank(seed=5)
+    transfer = LabelTransfer.from_bank(MemoryBank.from_arrays(feats, labels, {}), "torch", k=10, temperature=0.1)
+    grid, sizes = (3, 4), [(30, 41), (7, 9)]
+    queries = torch.randn(2, 12, 8, generator=torch.Generator().manual_seed(6))
+    rng = np.random.default_rng(7)
+    targets = [rng.integers(0, 4, size) for size in sizes]
+    targets[0][:5] = 255  # void rows
+    settings = [(10, 0.1), (3, 0.05)]
+    out = list(predict([QueryBatch(grid, sizes, features=queries, targets=[torch.from_numpy(t) for t in targets])],
+                       transfer, settings=settings, ignore_index=255, class_chunk=3))
+    assert [p.key for p in out] == [0, 1]
+    sims = cosines(queries.reshape(-1, 8).numpy(), feats.astype(np.float32))
+    for k, temperature in settings:
+        probs = knn_vote(sims, labels.astype(np.float64), k, temperature).reshape(2, 3, 4, -1)  # (B, h, w, C)
+        for i, prediction in enumerate(out):
+            mask = bilinear(probs[i].transpose(2, 0, 1), sizes[i]).argmax(0)
+            np.testing.assert_array_equal(prediction.masks[(k, temperature)].numpy(), mask)
+            np.testing.assert_array_equal(prediction.confusions[(k, temperature)].numpy(),
+                                          confusion(mask, targets[i], 4, 255))
+    np.testing.assert_allclose(out[1].probs.numpy(), knn_vote(sims, labels.astype(np.float64), 10, 0.1)[12:],
+                               atol=1e-5)  # the first setting's patch votes
+    assert out[0].confusions[(10, 0.1)].sum() == 25 * 41  # the 5 void rows are not counted
 
 
 def test_label_transfer_end_to_end_by_hand():
@@ -81,6 +206,7 @@ def test_rerank_keeps_exact_best_and_missing_ids_are_dropped():
     assert lonely(torch.tensor([[[1.0, 0.0]]])).abs().sum() == 0
 
 
+@requires_faiss
 def test_trained_index_fits_a_sample_of_the_whole_bank():
     """An IVF index built from a bank trains on rows from all of it, not only the first ones."""
     gen = torch.Generator().manual_seed(0)
@@ -95,6 +221,7 @@ def test_trained_index_fits_a_sample_of_the_whole_bank():
     assert transfer.index.ntotal == 1200
 
 
+@requires_faiss
 def test_rescoring_in_chunks_equals_one_pass(monkeypatch):
     gen = torch.Generator().manual_seed(3)
     feats = F.normalize(torch.randn(500, 8, generator=gen), dim=-1).numpy()

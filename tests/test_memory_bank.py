@@ -174,6 +174,21 @@ def test_subsampling_an_unbounded_bank_equals_a_bounded_build():
     assert torch.equal(derived.row_images(), direct.row_images())
 
 
+@pytest.mark.parametrize("epochs", [1, 2])  # 2 failed before subsample_bank recorded n_img x items as the size
+def test_a_subsampled_bank_records_the_recipe_of_the_equal_bounded_build(epochs):
+    """Not only the rows: the derived bank's whole manifest (its recipe's memory size included) is the bounded
+    build's, so it is reused, compared and rebuilt as that bank."""
+    from hummingbird_fungi.memory.build import subsample_bank
+
+    extractor = PatchMeanFeatures(FakeBackbone())
+    full = build_memory_bank(ToyDataset(), extractor, spec(size=None, augmentation_epochs=epochs))
+    direct = build_memory_bank(ToyDataset(), extractor, spec(size=20 * epochs, augmentation_epochs=epochs))
+    derived = subsample_bank(full, 2)
+    assert direct.manifest["patches_per_image"] == derived.manifest["patches_per_image"] == 2
+    assert derived.manifest["spec"]["size"] == direct.manifest["spec"]["size"] == 20 * epochs
+    assert derived.manifest == direct.manifest
+
+
 def test_row_images_name_the_image_of_every_row(tmp_path):
     seen = []
 

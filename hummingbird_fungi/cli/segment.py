@@ -7,12 +7,14 @@ import dataclasses
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from hummingbird_fungi.cli.output import print_metrics, write_results
-from hummingbird_fungi.config.loader import overrides_to_dict
-from hummingbird_fungi.config.schema import parse_size
+from hummingbird_fungi.config.loader import overrides_to_dict, parse_override
+from hummingbird_fungi.config.schema import check_device, parse_size
+from hummingbird_fungi.config.typed import Check, at_least, positive
 from hummingbird_fungi.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -26,37 +28,90 @@ DEMO_LONG_SIDE = 224
 DEMO_SWEEP = (64, 16, 4)  # memory sizes of the demo's sweep, as divisors of the full bank
 
 
+def checked(kind: Callable[[str], Any], check: Check) -> Callable[[str], Any]:
+    """An argparse type: the flag's text as `kind` (int, float, str or a parser) passing `check` (finite and in
+    range for numbers); otherwise argparse names the flag and exits with status 2, before any model loads."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError as error:
+            words = {int: "expected an integer", float: "expected a number"}
+            raise argparse.ArgumentTypeError(f"{text!r}: {words.get(kind, error)}") from error
+        problem = check(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+        return value
+    return parse
+
+
+def input_size(text: str) -> tuple[int, int]:
+    """--input-size text: 'HxW' (height first) or an int (square) as (H, W)."""
+    try:
+        return parse_size(int(text) if text.isdigit() else text)
+    except ValueError as error:
+        raise ValueError("expected HxW (height first) or an integer, e.g. 336x448") from error
+
+
+def backbone_option(text: str) -> str:
+    """An argparse type: a --backbone-option KEY=VALUE whose value timm can take (sizes positive integers,
+    numbers finite), kept as given."""
+    from hummingbird_fungi.models.backbones import backbone_option_problem
+
+    try:
+        keys, value = parse_override(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+    problem = backbone_option_problem(".".join(keys), value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text}: {problem}")
+    return text
+
+
+@contextmanager
+def flag_named(flag: str) -> Iterator[None]:
+    """A ConfigError raised inside, with the command-line flag (and value) that caused it named first."""
+    try:
+        yield
+    except ConfigError as error:
+        raise ConfigError(f"{flag}: {error}") from error
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Backbone, features, retrieval and batching options shared by `segment` and `demo`."""
     parser.add_argument("--backbone", help="backbone name, e.g. dinov2_vits14, dino_vits16 (default: the bank's, "
                                            "else dinov2_vits14)")
     parser.add_argument("--weights", type=Path, help="local checkpoint (timm or original FAIR layout)")
     parser.add_argument("--random-init", action="store_true", help="no pretrained weights (smoke tests only)")
-    parser.add_argument("--backbone-option", action="append", metavar="KEY=VALUE",
+    parser.add_argument("--backbone-option", action="append", metavar="KEY=VALUE", type=backbone_option,
                         help="timm model keyword, e.g. depth=4 (repeatable)")
     parser.add_argument("--features", choices=("embeddings", "fungi"), default="embeddings",
                         help="patch features: plain embeddings or FUNGI (default embeddings)")
     parser.add_argument("--feature-option", action="append", metavar="KEY=VALUE",
                         help="FUNGI option, e.g. negatives=support (repeatable)")
-    parser.add_argument("--input-size", help="network input HxW (height first), multiples of the patch "
-                                             "(default: long side 448, "
-                                             "the examples' aspect)")
-    parser.add_argument("--k", type=int, default=30, help="neighbours per patch (default 30)")
-    parser.add_argument("--temperature", type=float, default=0.02, help="softmax temperature (default 0.02)")
+    parser.add_argument("--input-size", type=checked(input_size, positive),
+                        help="network input HxW (height first), multiples of the patch (default: long side 448, "
+                             "the examples' aspect)")
+    parser.add_argument("--k", type=checked(int, at_least(1)), default=30, help="neighbours per patch (default 30)")
+    parser.add_argument("--temperature", type=checked(float, positive), default=0.02,
+                        help="softmax temperature (default 0.02)")
     parser.add_argument("--backend", default="torch", help="retrieval backend: torch, faiss, faiss_ivfpq, ...")
-    parser.add_argument("--memory-size", type=int, help="memory-bank rows (default: every example patch)")
-    parser.add_argument("--augmentation-epochs", type=int, default=0,
+    parser.add_argument("--memory-size", type=checked(int, at_least(1)),
+                        help="memory-bank rows (default: every example patch)")
+    parser.add_argument("--augmentation-epochs", type=checked(int, at_least(0)), default=0,
                         help="augmented passes over the examples (default 0: one pass, no augmentation)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid-rows", type=int, default=6, help="images in the overlay grid")
+    parser.add_argument("--batch-size", type=checked(int, at_least(1)), default=4)
+    parser.add_argument("--device", type=checked(str, check_device), default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--seed", type=checked(int, at_least(0)), default=0)
+    parser.add_argument("--grid-rows", type=checked(int, at_least(0)), default=6,
+                        help="images in the overlay grid (0: no grid)")
 
 
 def add_label_space_args(parser: argparse.ArgumentParser) -> None:
     """--num-classes, --ignore-index and --class-names (they win over dataset.yaml)."""
-    parser.add_argument("--num-classes", type=int, help="classes (default: dataset.yaml, else largest id + 1)")
-    parser.add_argument("--ignore-index", type=int, help="void id of the example masks (255 is void by default)")
+    parser.add_argument("--num-classes", type=checked(int, at_least(1)),
+                        help="classes (default: dataset.yaml, else largest id + 1)")
+    parser.add_argument("--ignore-index", type=checked(int, at_least(0)),
+                        help="void id of the example masks (255 is void by default)")
     parser.add_argument("--class-names", help="comma-separated class names, id order")
 
 
@@ -70,29 +125,20 @@ def segmenter_options(args: argparse.Namespace) -> dict[str, Any]:
         raise DataError(f"weights file {args.weights} does not exist")
     if args.feature_option and args.features != "fungi":
         raise ConfigError(f"--feature-option {args.feature_option} given for {args.features!r} features")
+    with flag_named(f"--feature-option {' '.join(args.feature_option or [])}"):
+        fungi = FungiOptions.from_mapping(overrides_to_dict(args.feature_option))
+    with flag_named(f"--backend {args.backend}"):
+        retrieval = RetrievalOptions(backend=args.backend, k=args.k)
     epochs = args.augmentation_epochs
-    if epochs < 0:
-        raise ConfigError(f"--augmentation-epochs {epochs}: must be >= 0")
     return {"weights": args.weights, "pretrained": not args.random_init,
-            "backbone_kwargs": overrides_to_dict(args.backbone_option),
-            "input_size": None if args.input_size is None else _size(args.input_size),
-            "features": FeatureOptions(kind=args.features,
-                                       fungi=FungiOptions.from_mapping(overrides_to_dict(args.feature_option)),
-                                       support=SupportOptions(size=args.memory_size)),
+            "backbone_kwargs": overrides_to_dict(args.backbone_option), "input_size": args.input_size,
+            "features": FeatureOptions(kind=args.features, fungi=fungi, support=SupportOptions(size=args.memory_size)),
             "memory": dataclasses.replace(SEGMENT_MEMORY, size=args.memory_size, augment=epochs > 0,
                                           augmentation_epochs=max(epochs, 1)),
-            "retrieval": RetrievalOptions(backend=args.backend, k=args.k),
+            "retrieval": retrieval,
             "transfer": TransferOptions(temperature=args.temperature),
             "data": DataOptions(**{**SEGMENT_DATA.to_dict(), "batch_size": args.batch_size}),
             "device": args.device, "seed": args.seed}
-
-
-def _size(text: str) -> tuple[int, int]:
-    """--input-size HxW (or an int) -> (H, W), with a ConfigError naming the flag."""
-    try:
-        return parse_size(int(text) if text.isdigit() else text)
-    except ValueError as error:
-        raise ConfigError(f"--input-size {text!r}: {error}") from error
 
 
 def label_space_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,16 +153,17 @@ def label_space_flags(args: argparse.Namespace) -> dict[str, Any]:
     return space
 
 
-def build_segmenter(args: argparse.Namespace, examples: Path | None, memory: Path | None,
+def build_segmenter(args: argparse.Namespace, examples: Path | None, bank: Path | None,
                     **overrides: Any) -> tuple[Any, list[dict[str, str]]]:
-    """The segmenter of --examples (unreadable pairs skipped and returned) or of --memory."""
+    """The segmenter of --examples (unreadable pairs skipped and returned) or of the saved bank --memory;
+    `overrides` replace `from_examples` keywords (the memory section included)."""
     from hummingbird_fungi.segment.folders import segmenter_from_folder
     from hummingbird_fungi.segment.segmenter import InContextSegmenter
 
     options = {**segmenter_options(args), "backbone": args.backbone or "dinov2_vits14", **overrides}
-    if memory is not None:
+    if bank is not None:
         segmenter = InContextSegmenter.from_memory(
-            memory, backbone=args.backbone, weights=options["weights"], retrieval=options["retrieval"],
+            bank, backbone=args.backbone, weights=options["weights"], retrieval=options["retrieval"],
             transfer=options["transfer"], device=options["device"], input_size=options["input_size"])
         return segmenter, []
     return segmenter_from_folder(examples, args.examples_split, **options, **label_space_flags(args))
@@ -280,7 +327,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_video(args: argparse.Namespace) -> None:
-    """`hbfungi video`: segment a clip from its annotated frames (the logic is in segment.video)."""
+    """`hbfungi video`: segment a clip from its annotated frames (the logic is in segment.video); the frames that
+    could not be segmented are printed, and make it fail (exit 2) once the summary is written."""
     from hummingbird_fungi.fileio import check_output_dir, preflight
     from hummingbird_fungi.segment.video import run_video, video_inputs
 
@@ -289,14 +337,19 @@ def cmd_video(args: argparse.Namespace) -> None:
     preflight({"--frames": (args.frames, "dir"), "--masks": (args.masks, "dir"), "--weights": (args.weights, "file")},
               {f"--out {name}": (args.out / name, "file" if "." in name else "dir")
                for name in ("masks", "overlays", "strip.png", "summary.json")})
-    video_inputs(args.frames, args.masks, args.annotate)  # a missing first mask is named before the model loads
+    video_inputs(args.frames, args.masks, args.annotate)  # a missing first mask, a bad file or size: before the model
     options = {**segmenter_options(args), "backbone": args.backbone or "dinov2_vits14", **label_space_flags(args)}
     summary = run_video(args.frames, args.masks, args.out, args.annotate, args.propagate, args.radius, **options)
     clip = summary["video"]
+    for failure in clip["failed"]:
+        print(f"skipped {failure['file']}: {failure['error']}")
     scored = "no frame scored" if clip["j_mean"] is None else \
         f"mean J {100 * clip['j_mean']:.1f}% over {clip['num_scored']} frames"
-    print(f"{clip['num_frames']} frames ({clip['num_annotated']} annotated) -> {args.out / 'masks'}, "
-          f"{args.out / 'overlays'}; {scored}; summary {args.out / 'summary.json'}")
+    print(f"{clip['num_segmented']}/{clip['num_frames']} frames ({clip['num_annotated']} annotated) -> "
+          f"{args.out / 'masks'}, {args.out / 'overlays'}; {scored}; summary {args.out / 'summary.json'}")
+    if clip["failed"]:
+        raise DataError(f"{len(clip['failed'])} of the {clip['num_frames']} frames of {args.frames} could not be "
+                        f"segmented (see the skipped frames above and {args.out / 'summary.json'})")
 
 
 def add_segment_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -343,9 +396,9 @@ def add_segment_commands(subparsers: argparse._SubParsersAction) -> None:
     video.add_argument("--annotate", choices=("all", "first"), default="all",
                        help="masks in the memory: all of --masks, or the first frame's only, the others scored "
                             "(default all)")
-    video.add_argument("--propagate", type=int, default=0, metavar="N",
+    video.add_argument("--propagate", type=checked(int, at_least(0)), default=0, metavar="N",
                        help="add the last N predicted frames to the memory (default 0: off)")
-    video.add_argument("--radius", type=int, metavar="R",
+    video.add_argument("--radius", type=checked(int, at_least(0)), metavar="R",
                        help="propagated frames: only patches within R patches of the query's position "
                             "(default: no limit)")
     add_label_space_args(video)

@@ -169,6 +169,9 @@ class FeatureOptions(Section):
                            doc="a registered patch feature kind (`hbfungi list features`)")
     fungi: FungiOptions = option(factory=FungiOptions)
     support: SupportOptions = option(factory=SupportOptions)
+    non_finite: Literal["error", "drop"] = option("error", doc="feature rows holding NaN or inf (bank and queries): "
+                                                               "error names the images; drop leaves them out "
+                                                               "with a warning")
 
 
 # --------------------------------------------------------------------------- memory, retrieval, transfer

@@ -5,6 +5,7 @@ A section is a dataclass deriving from `Section`. Each field's type hint says wh
 section) and `option(...)` adds a range check, a parser and a one-line description. Values are
 checked in `__post_init__`, so a section built from Python is checked like one built from YAML;
 `from_mapping` builds a section from nested dicts and refuses unknown keys with suggestions.
+Numbers are finite (NaN and +-infinity are refused for every field) and a section is never null.
 Errors are `ConfigError`s naming the dotted key and the value. Nothing here imports torch.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Callable, ClassVar, Literal, Mapping, TypeVar, Union
@@ -39,23 +41,31 @@ def with_overrides(cls: type[S], options: S | None, overrides: Mapping[str, Any]
     return cls.from_mapping(dict(overrides), base=base) if overrides else base
 
 
+def _numbers(value: Any) -> list[int | float]:
+    """The numbers of a value, or of each item of a tuple or list (strings such as 'full' skipped)."""
+    values = value if isinstance(value, (tuple, list)) else [value]
+    return [v for v in values if isinstance(v, (int, float))]
+
+
+def finite(value: Any) -> str | None:
+    """A check that numbers (and each number of a tuple or list) are finite: not NaN, not +-infinity."""
+    return "must be a finite number" if any(not math.isfinite(v) for v in _numbers(value)) else None
+
+
 def at_least(low: float) -> Check:
-    """A check that numbers (and each number of a tuple or list) are >= low."""
+    """A check that numbers (and each number of a tuple or list) are finite and >= low."""
     def check(value: Any) -> str | None:
-        values = value if isinstance(value, (tuple, list)) else [value]
-        bad = [v for v in values if isinstance(v, (int, float)) and v < low]
-        return f"must be >= {low}" if bad else None
+        return finite(value) or (f"must be >= {low}" if any(not v >= low for v in _numbers(value)) else None)
     return check
 
 
 def positive(value: Any) -> str | None:
-    """A check that numbers (and each number of a tuple or list) are > 0."""
-    values = value if isinstance(value, (tuple, list)) else [value]
-    return "must be > 0" if any(isinstance(v, (int, float)) and v <= 0 for v in values) else None
+    """A check that numbers (and each number of a tuple or list) are finite and > 0."""
+    return finite(value) or ("must be > 0" if any(not v > 0 for v in _numbers(value)) else None)
 
 
 def in_unit_interval(value: Any) -> str | None:
-    """A check for a probability in (0, 1]."""
+    """A check for a probability in (0, 1] (NaN fails the comparison, so it is refused)."""
     return None if value is None or 0 < value <= 1 else "must be in (0, 1]"
 
 
@@ -100,7 +110,7 @@ class Section:
                 hint = f" (did you mean {', '.join(f'{key}.{c}' if key else c for c in close)}?)" if close else ""
                 raise ConfigError(f"unknown config key {path!r}{hint}")
             nested = kwargs[name]
-            if isinstance(nested, Section) and not isinstance(value, Section):
+            if isinstance(nested, Section) and isinstance(value, Mapping):  # None or a scalar: refused by coerce
                 value = type(nested).from_mapping(value, path, base=nested)
             kwargs[name] = value
         return cls(**kwargs)
@@ -127,6 +137,8 @@ class Section:
 def coerce(value: Any, hint: Any, name: str) -> Any:
     """`value` checked (and converted where lossless: int -> float, list -> tuple) against a type hint."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r}: {finite(value)}")
     if hint is Any:
         return value
     if origin in (Union, types.UnionType):
@@ -150,6 +162,9 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
             return value
         if isinstance(value, Mapping):
             return hint.from_mapping(value, name)
+        if value is None:
+            first = dataclasses.fields(hint)[0].name
+            raise ConfigError(f"{name}=null: a section cannot be null; set its keys, e.g. {name}.{first}=...")
         raise ConfigError(f"{name}={value!r}: expected a mapping of {hint.__name__} options")
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
@@ -162,7 +177,7 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
     if origin is dict or hint is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{name}={value!r}: expected a mapping")
-        return dict(value)
+        return {key: coerce(item, args[1] if args else Any, f"{name}.{key}") for key, item in value.items()}
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

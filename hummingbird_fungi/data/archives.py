@@ -23,7 +23,7 @@ from hummingbird_fungi.errors import DataError
 
 log = logging.getLogger(__name__)
 
-_TAR_ROOT = re.compile(r"^(?P<archive>.+?\.tar)!(?:/(?P<inner>.*))?$")
+_TAR_ROOT = re.compile(r"^(?P<archive>.+?\.tar)!(?:/(?P<inner>.*))?$", re.IGNORECASE)
 
 
 def _member_name(name: str) -> str:
@@ -205,6 +205,6 @@ def as_path(value: str | os.PathLike | TarPath) -> DataPath:
     match = _TAR_ROOT.match(text)
     if match:
         return TarPath(match["archive"], match["inner"] or "")
-    if text.endswith(".tar") and os.path.isfile(text):
+    if text.lower().endswith(".tar") and os.path.isfile(text):
         return TarPath(text)
     return Path(text)

@@ -15,7 +15,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -356,28 +356,31 @@ def voc_dataset(root: str | Path, split: str, file_set: str | Path | None = None
     return SegmentationDataset(samples, VOC_INFO, source=f"VOC root {root} split {split!r}", **kw)
 
 
-def images_by_stem(folder: DataPath) -> dict[str, DataPath]:
-    """stem -> image file of a folder; DataError if two images share a stem."""
-    images: dict[str, DataPath] = {}
+def images_by_stem(folder: DataPath, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> dict[str, DataPath]:
+    """stem -> file of a folder whose extension, in any case, is one of `extensions` (default: images); DataError
+    if two share a stem (also `x.png` and `x.PNG`)."""
+    files: dict[str, DataPath] = {}
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            if path.stem in images:
-                raise DataError(f"images {images[path.stem]} and {path} share the stem {path.stem!r}")
-            images[path.stem] = path
-    return images
+        if path.suffix.lower() in extensions and path.is_file():
+            if path.stem in files:
+                raise DataError(f"{files[path.stem]} and {path} in {folder} share the stem {path.stem!r}; "
+                                f"keep one of them")
+            files[path.stem] = path
+    return files
 
 
 def pair_by_stem(image_dir: DataPath, mask_dir: DataPath, file_set: str | Path | None) -> list[Sample]:
-    """(image, <mask_dir>/<stem>.png) pairs sorted by stem; DataError naming any image without a mask."""
+    """(image, <mask_dir>/<stem>.png) pairs sorted by stem (.png in any case); DataError naming any image without
+    a mask."""
     images = images_by_stem(existing_dir(image_dir, "image folder"))
     if not images:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image_dir}")
-    masks = {p.name for p in existing_dir(mask_dir, "annotation folder").iterdir()}
+    masks = images_by_stem(existing_dir(mask_dir, "annotation folder"), (".png",))
     samples = []
     for stem in restrict_ids(sorted(images), file_set, str(image_dir)):
-        if f"{stem}.png" not in masks:
+        if stem not in masks:
             raise DataError(f"image {images[stem]} (stem {stem!r}) has no mask {mask_dir / f'{stem}.png'}")
-        samples.append((images[stem], mask_dir / f"{stem}.png"))
+        samples.append((images[stem], masks[stem]))
     return samples
 
 

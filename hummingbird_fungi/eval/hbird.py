@@ -59,8 +59,9 @@ OHE_SCANN_PARAMS = {"num_reordering_candidates": "reorder", "anisotropic_quantiz
 
 def evaluate_bank(extractor: PatchFeatures, bank: MemoryBank, eval_set: SegmentationDataset, *,
                   input_size: tuple[int, int], retrieval: RetrievalOptions, transfer: TransferOptions,
-                  data: DataOptions, device: torch.device, timings: dict[str, float] | None = None) -> dict:
-    """Segment `eval_set` with `bank` and return the metric summary."""
+                  data: DataOptions, device: torch.device, timings: dict[str, float] | None = None,
+                  non_finite: str = "error") -> dict:
+    """Segment `eval_set` with `bank` and return the metric summary (`non_finite`: `features.non_finite`)."""
     timings = {} if timings is None else timings
     original = data.eval_resolution == "original"
     eval_set = eval_set.with_transform(EvalTransform(input_size, normalize=data.normalize),
@@ -83,13 +84,14 @@ def evaluate_bank(extractor: PatchFeatures, bank: MemoryBank, eval_set: Segmenta
     def queries():
         for batch in loader:
             targets = batch["original_mask"] if original else list(batch["mask"])
-            yield QueryBatch(grid, [tuple(t.shape) for t in targets], images=batch["image"], targets=targets)
+            yield QueryBatch(grid, [tuple(t.shape) for t in targets], images=batch["image"], targets=targets,
+                             keys=batch["path"])
 
     cm = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
     with timed(timings, "evaluate_s"), worker_errors_unwrapped(), \
             tqdm(total=len(part), desc="evaluate", unit="img", disable=rank != 0) as progress:
         for prediction in predict(queries(), label_transfer, extractor, ignore_index=info.ignore_index,
-                                  class_chunk=transfer.class_chunk, device=device):
+                                  class_chunk=transfer.class_chunk, device=device, non_finite=non_finite):
             cm.matrix += prediction.confusions[label_transfer.setting]
             progress.update()
     cm.all_reduce()
@@ -119,7 +121,7 @@ def _evaluate(encoder: Encoder, train_data: SegmentationDataset, eval_data: Segm
                                    data=data, device=device, seed=seed, timings=timings,
                                    manifest_extra=manifest_extra)
     summary = evaluate_bank(extractor, bank, eval_data, input_size=size, retrieval=retrieval, transfer=transfer,
-                            data=data, device=device, timings=timings)
+                            data=data, device=device, timings=timings, non_finite=features.non_finite)
     timings["total_s"] = time.perf_counter() - start
     return {**summary, "memory": bank_summary(bank), "features": extractor.manifest(), "timings": timings}
 

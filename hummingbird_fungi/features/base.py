@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import abc
-from typing import Any
+import logging
+from typing import Any, Sequence
 
 import torch
 
+from hummingbird_fungi.errors import DataError
 from hummingbird_fungi.models.encoders import Encoder
+
+log = logging.getLogger(__name__)
 
 
 class PatchFeatures(abc.ABC):
@@ -71,3 +75,21 @@ def select_patches(features: torch.Tensor, select: torch.Tensor | None) -> torch
         return features
     index = select.to(features.device).unsqueeze(-1).expand(-1, -1, features.shape[-1])
     return torch.gather(features, 1, index)
+
+
+def finite_rows(features: torch.Tensor, names: Sequence[str], what: str, policy: str = "error") -> torch.Tensor:
+    """(B, n) bool: which rows of (B, n, D) `features` hold only finite values. Rows with NaN or inf are refused
+    (DataError naming the images `names` (B,)) or, with `policy` 'drop' (`features.non_finite`), counted in a
+    warning and left for the caller to drop."""
+    keep = torch.isfinite(features).all(-1)
+    if bool(keep.all()):
+        return keep
+    counts = (~keep).sum(-1).tolist()
+    images = [f"{name}: {count} of {keep.shape[1]} rows" for name, count in zip(names, counts) if count]
+    message = (f"NaN or inf in {sum(counts)} {what} rows of {len(images)} images ({'; '.join(images[:5])}"
+               f"{'; ...' if len(images) > 5 else ''})")
+    if policy != "drop":
+        raise DataError(f"{message}; the model overflowed (e.g. in fp16/bf16 autocast) or the input is broken; "
+                        f"features.non_finite=drop leaves such rows out")
+    log.warning("%s: dropped (features.non_finite=drop)", message)
+    return keep

@@ -24,11 +24,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, NoReturn
 
 import numpy as np
 import torch
 
+from hummingbird_fungi.data.segmentation import palette_problem
 from hummingbird_fungi.errors import BankMismatchError, DataError
 from hummingbird_fungi.fileio import json_safe, make_dirs, remove_temp_files, save_npy_atomic, write_atomic
 
@@ -72,7 +73,8 @@ def manifest_json(manifest: dict) -> bytes:
 
 
 def read_manifest(path: str | Path, sealed: bool = True) -> dict:
-    """Read `<bank>/manifest.json`, with errors naming the file; `sealed`: it must be a finished bank of this format."""
+    """Read `<bank>/manifest.json`, with errors naming the file; `sealed`: it must be a finished bank of this format
+    whose fields agree with each other and with every shard file's header (`_check_consistent`)."""
     path = Path(path)
     file = path / "manifest.json"
     if not file.is_file():
@@ -87,6 +89,7 @@ def read_manifest(path: str | Path, sealed: bool = True) -> dict:
         raise DataError(f"corrupt memory bank manifest {file}: not a JSON object")
     if sealed:
         _check_sealed(manifest, path, file)
+        _check_consistent(manifest, path, file)
     return manifest
 
 
@@ -106,6 +109,29 @@ def _check_sealed(manifest: dict, path: Path, file: Path) -> None:
     if missing:
         raise DataError(f"memory bank manifest {file} lacks {', '.join(missing)}: damaged, or not written by "
                         f"this toolkit")
+
+
+def _check_consistent(manifest: dict, path: Path, file: Path) -> None:
+    """Refuse a sealed manifest whose fields disagree: class names and palette vs num_classes, each shard's
+    files (npy headers) vs its rows, features.dim and num_classes, and count vs the shards' rows."""
+    def refuse(problem: str) -> NoReturn:
+        raise DataError(f"memory bank manifest {file}: {problem}; the bank is damaged or was edited, rebuild it")
+
+    num_classes, dim = manifest["num_classes"], manifest["features"].get("dim")
+    for key, value in (("num_classes", num_classes), ("features.dim", dim)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            refuse(f"{key}={value!r} is not a positive integer")
+    names = manifest.get("class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != num_classes):
+        refuse(f"class_names={names!r} does not name each of the num_classes={num_classes} classes")
+    palette = manifest.get("palette")
+    problem = None if palette is None else palette_problem(palette, num_classes)
+    if problem:
+        refuse(f"palette {problem}")
+    rows = sum(verify_shard(path, shard["name"], shard.get("rows"), (dim, num_classes))
+               for shard in manifest["shards"])
+    if manifest["count"] != rows:
+        refuse(f"count={manifest['count']!r} but its shards hold {rows} rows")
 
 
 def manifest_differences(recorded: Any, expected: Any, key: str = "") -> list[str]:
@@ -146,14 +172,22 @@ def npy_shape(file: Path) -> tuple[int, ...]:
     return shape
 
 
-def verify_shard(bank_dir: Path, name: str, rows: int | None = None) -> int:
-    """Check both files of shard `name` (sizes, shapes, equal row counts, `rows` if given); its row count."""
+def verify_shard(bank_dir: Path, name: str, rows: int | None = None,
+                 widths: tuple[int | None, int] | None = None) -> int:
+    """Check both files of shard `name` (sizes, shapes, equal row counts, `rows` and the widths (D, C) of features and
+    labels if given; D None: unchecked); its row count."""
     feat_file, label_file = shard_files(bank_dir, name)
     feats, labels = npy_shape(feat_file), npy_shape(label_file)
     if len(feats) != 2 or len(labels) != 2 or feats[0] != labels[0]:
         raise DataError(f"memory-bank shard {feat_file} has shape {feats} but {label_file} has {labels}")
     if rows is not None and feats[0] != rows:
         raise DataError(f"memory-bank shard file {feat_file} holds {feats[0]} rows where its record says {rows}")
+    if widths is not None:
+        for file, shape, width, key in ((feat_file, feats, widths[0], "features.dim"),
+                                        (label_file, labels, widths[1], "num_classes")):
+            if width is not None and shape[1] != width:
+                raise DataError(f"memory-bank shard file {file} has {shape[1]} columns where the manifest says "
+                                f"{key}={width}")
     return int(feats[0])
 
 
@@ -177,8 +211,9 @@ class MemoryBank:
     @classmethod
     def load(cls, path: str | Path, mmap: bool = True, expect_features: dict | None = None,
              expect_build: dict | None = None) -> "MemoryBank":
-        """Open a saved bank (memory-mapped by default), every shard verified; refuse it (BankMismatchError) if
-        `expect_features` differ, or if what it records differs from the build manifest `expect_build`."""
+        """Open a saved bank (memory-mapped by default), every shard verified by `read_manifest`; refuse it
+        (BankMismatchError) if `expect_features` differ, or if what it records differs from the build manifest
+        `expect_build`."""
         path = Path(path)
         manifest = read_manifest(path)
         if expect_features is not None:
@@ -189,7 +224,6 @@ class MemoryBank:
         mode = "r" if mmap else None
         feats, labels = [], []
         for shard in manifest["shards"]:
-            verify_shard(path, shard["name"], shard.get("rows"))
             for file, out in zip(shard_files(path, shard["name"]), (feats, labels)):
                 out.append(np.load(file, mmap_mode=mode))
         if not feats:

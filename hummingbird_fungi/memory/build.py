@@ -26,6 +26,7 @@ from hummingbird_fungi.data.transforms import TrainTransform
 from hummingbird_fungi.distributed import barrier, rank_and_world
 from hummingbird_fungi.errors import ConfigError, DataError, worker_errors_unwrapped
 from hummingbird_fungi.features import EmbeddingFeatures, PatchFeatures, build_patch_features
+from hummingbird_fungi.features.base import finite_rows
 from hummingbird_fungi.memory.bank import FORMAT_VERSION, BankWriter, MemoryBank, shard_name
 from hummingbird_fungi.memory.labels import bank_patches, patches_per_image, patchify_labels, soft_labels
 from hummingbird_fungi.models.encoders import Encoder
@@ -107,8 +108,9 @@ def bank_manifest(dataset, extractor: PatchFeatures, memory: MemoryOptions, seed
 
 def _extract_shard(dataset, extractor: PatchFeatures, spec: dict[str, Any], epoch: int, start: int, end: int,
                    n_img: int, batch_size: int, num_workers: int, device: torch.device,
-                   progress: tqdm) -> tuple[np.ndarray, np.ndarray]:
-    """Features and soft labels of the sampled patches of images [start, end) at `epoch` (`spec`: the recipe)."""
+                   progress: tqdm, non_finite: str = "error") -> tuple[np.ndarray, np.ndarray]:
+    """Features (rows, D) and soft labels (rows, C) of the sampled patches of images [start, end) at `epoch`
+    (`spec`: the recipe); rows with NaN or inf are refused, or left out with `non_finite` 'drop'."""
     from hummingbird_fungi.data.segmentation import collate
 
     dataset.set_epoch(epoch)
@@ -128,8 +130,10 @@ def _extract_shard(dataset, extractor: PatchFeatures, spec: dict[str, Any], epoc
         else:
             select = None
         features = extractor(batch["image"].to(device), select, image_ids=batch["index"])  # (B, n, D)
-        feats.append(features.reshape(-1, features.shape[-1]).cpu().numpy().astype(spec["dtype"]))
-        labels.append(soft_labels(counts).reshape(-1, counts.shape[-1]).numpy().astype(spec["label_dtype"]))
+        names = [f"{path} (image {int(index)})" for path, index in zip(batch["path"], batch["index"])]
+        keep = finite_rows(features, names, "memory-bank feature", non_finite).cpu()  # (B, n)
+        feats.append(features.cpu()[keep].numpy().astype(spec["dtype"]))  # (rows, D)
+        labels.append(soft_labels(counts)[keep].numpy().astype(spec["label_dtype"]))  # (rows, C)
         progress.update(len(batch["index"]))
     return np.concatenate(feats), np.concatenate(labels)
 
@@ -137,13 +141,14 @@ def _extract_shard(dataset, extractor: PatchFeatures, spec: dict[str, Any], epoc
 def build_memory_bank(dataset, extractor: PatchFeatures, memory: MemoryOptions, seed: int = 0,
                       manifest_extra: dict | None = None, batch_size: int = 4, num_workers: int = 0,
                       device: str | torch.device = "cpu", resume: bool = True,
-                      distributed: bool = True) -> MemoryBank:
+                      distributed: bool = True, non_finite: str = "error") -> MemoryBank:
     """Fill a memory bank from `dataset` (a SegmentationDataset with a train transform) as `memory` says.
 
     With `memory.path`, shards are written to `<path>.partial/` as they finish and the
     directory becomes `<path>` when complete; an existing partial build with the same
     manifest is resumed. Without `path` the bank stays in RAM. Under torch.distributed
     (and `distributed`) each rank extracts every world-th shard and rank 0 seals the bank.
+    Feature rows with NaN or inf are refused, or left out with `non_finite` 'drop' (`features.non_finite`).
     """
     device = torch.device(device)
     manifest = bank_manifest(dataset, extractor, memory, seed, manifest_extra)
@@ -155,7 +160,7 @@ def build_memory_bank(dataset, extractor: PatchFeatures, memory: MemoryOptions, 
     writer = None if path is None else BankWriter(path, manifest, resume, create=rank == 0)
     try:
         barrier()
-        feats, labels, labelled, kept = [], [], 0, 0
+        feats, labels, labelled, rows, kept = [], [], 0, 0, 0
         mine = [n for n in range(len(plan)) if n % world == rank]
         with tqdm(total=sum(plan[n][2] - plan[n][1] for n in mine), desc="memory bank", unit="img",
                   disable=rank != 0) as progress, worker_errors_unwrapped():
@@ -167,13 +172,17 @@ def build_memory_bank(dataset, extractor: PatchFeatures, memory: MemoryOptions, 
                     kept += 1
                     continue
                 shard_feats, shard_labels = _extract_shard(dataset, extractor, spec, epoch, start, end, n_img,
-                                                           batch_size, num_workers, device, progress)
+                                                           batch_size, num_workers, device, progress, non_finite)
                 labelled += int((shard_labels.astype(np.float32).sum(1) > 0).sum())
+                rows += len(shard_labels)
                 if writer is None:
                     feats.append(shard_feats)
                     labels.append(shard_labels)
                 else:
                     writer.write_shard(number, shard_feats, shard_labels, sources)
+        if world == 1 and not kept and not rows:
+            raise DataError(f"every feature row of the {len(dataset)} memory images of {dataset.info.name} held NaN "
+                            f"or inf and was dropped (features.non_finite=drop): the bank would be empty")
         if world == 1 and not kept and not labelled:
             raise DataError(f"every sampled patch of the {len(dataset)} memory images of {dataset.info.name} is void "
                             f"(ignore id {dataset.info.ignore_index}): the bank would hold no labels")
@@ -211,7 +220,7 @@ def subsample_bank(bank: MemoryBank, n_img: int, rule: str = "label_aware") -> M
         keep.append(bank_patches(torch.from_numpy(labels[item].astype(np.float32)), n_img, rule, spec["seed"], epoch,
                                  index).numpy())
     rows = np.stack(keep)[..., None]  # (items, n_img, 1)
-    new_spec = {**spec, "size": n_img * len(features) // spec["augmentation_epochs"], "sampling": rule}
+    new_spec = {**spec, "size": n_img * len(features), "sampling": rule}  # rows = n_img x images x epochs
     shards = [{**shard, "rows": (shard["images"][1] - shard["images"][0]) * n_img} for shard in manifest["shards"]]
     splits = np.cumsum([shard["rows"] for shard in shards])[:-1]  # one block per shard, as built
     return MemoryBank(
@@ -238,7 +247,7 @@ def make_extractor(encoder: Encoder, features: FeatureOptions, train_set, memory
                                                  augmentation_epochs=features.support.augmentation_epochs)
             support = build_memory_bank(train_set, EmbeddingFeatures(encoder), support_memory, seed,
                                         batch_size=data.batch_size, device=device, num_workers=data.num_workers,
-                                        distributed=False)
+                                        distributed=False, non_finite=features.non_finite)
             extractor.set_support(torch.from_numpy(np.concatenate(support.feature_blocks)).float(),
                                   image_ids=support.row_images())
     return extractor
@@ -266,5 +275,6 @@ def build_memory(encoder: Encoder, train_set, *, input_size: tuple[int, int], fe
         return bank, extractor
     with timed(timings, "build_memory_s"):
         bank = build_memory_bank(train_set, extractor, memory, seed, manifest_extra=manifest_extra,
-                                 batch_size=data.batch_size, num_workers=data.num_workers, device=device)
+                                 batch_size=data.batch_size, num_workers=data.num_workers, device=device,
+                                 non_finite=features.non_finite)
     return bank, extractor

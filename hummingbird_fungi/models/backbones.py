@@ -25,6 +25,7 @@ import torch
 from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from hummingbird_fungi.config.typed import at_least, finite
 from hummingbird_fungi.errors import ConfigError, DataError
 from hummingbird_fungi.models.encoders import TimmViTEncoder
 
@@ -52,6 +53,9 @@ _STRIP_PREFIXES = ("module.", "teacher.", "student.", "backbone.")
 _HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 _HUB_PROBE_TIMEOUT_S = 3.0
 _SHOWN_KEYS = 5
+# timm ViT keywords that must be integers, with their least value (patch_size=0 divides by zero, depth='abc'
+# fails late; depth=0, a ViT without blocks, is valid)
+INT_OPTIONS = {"patch_size": 1, "depth": 0, "embed_dim": 1, "num_heads": 1}
 
 
 def resolve_name(name: str) -> str:
@@ -97,13 +101,32 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
     return encoder
 
 
+def backbone_option_problem(key: str, value: Any) -> str | None:
+    """What is wrong with a timm model keyword given as a backbone option (None: nothing): the sizes of
+    `INT_OPTIONS` must be integers of at least their least value, every other number finite."""
+    if key not in INT_OPTIONS:
+        return finite(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return "expected an integer"
+    return at_least(INT_OPTIONS[key])(value)
+
+
 def _create_model(timm_name: str, pretrained: bool = False, **model_kwargs: Any) -> VisionTransformer:
-    """A headless timm ViT with run-time positional-embedding interpolation."""
+    """A headless timm ViT with run-time positional-embedding interpolation; a bad timm keyword (backbone
+    option) is a ConfigError naming it, refused before the model is built or when timm fails on it."""
+    options = {key: value for key, value in model_kwargs.items() if key != "pretrained_cfg_overlay"}
+    for key, value in options.items():
+        problem = backbone_option_problem(key, value)
+        if problem:
+            raise ConfigError(f"backbone option {key}={value!r}: {problem}")
     try:
         model = timm.create_model(timm_name, pretrained=pretrained, num_classes=0, dynamic_img_size=True,
                                   **model_kwargs)
-    except TypeError as error:  # not a ViT (no dynamic_img_size) or a bad model_kwargs override
-        raise ConfigError(f"cannot build backbone {timm_name!r} as a dynamic-size ViT: {error}") from error
+    except Exception as error:  # noqa: BLE001 - timm and torch refuse a bad keyword in many ways
+        if isinstance(error, OSError) or not (options or isinstance(error, TypeError)):
+            raise  # a download failure (the caller's message), or a failure no keyword of ours caused
+        given = f" with backbone options {', '.join(f'{k}={v!r}' for k, v in options.items())}" if options else ""
+        raise ConfigError(f"cannot build backbone {timm_name!r} as a dynamic-size ViT{given}: {error}") from error
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"backbone {timm_name!r} is a {type(model).__name__}, not a timm VisionTransformer")
     return model
@@ -202,7 +225,7 @@ def _read_checkpoint(path: Path) -> Any:
     if not path.is_file():
         raise DataError(f"weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")

@@ -181,13 +181,14 @@ def make_scenes(count: int, seed: int) -> list[Scene]:
 def write_demo_data(root: str | Path, num_examples: int = 8, num_queries: int = 8, seed: int = 0) -> dict[str, Path]:
     """Write examples (images/, masks/, dataset.yaml), query images and their ground truth under `root`.
 
-    Example images are PNG, query images JPEG (quality 92) as a camera would give. Returns
-    the folders as {"examples", "images", "ground_truth"}.
+    Example images are PNG, query images JPEG (quality 92) as a camera would give; a symbolic link at
+    `root` or below is refused, never written through. Returns the folders as {"examples", "images",
+    "ground_truth"}.
     """
     root = Path(root)
     dirs = {"examples": root / "examples", "images": root / "images", "ground_truth": root / "ground_truth"}
     for sub in (dirs["examples"] / "images", dirs["examples"] / "masks", dirs["images"], dirs["ground_truth"]):
-        make_dirs(sub)
+        make_dirs(sub, inside=root.parent)
     write_atomic(dirs["examples"] / "dataset.yaml",
                  f"name: demo_scenes\nnum_classes: {len(CLASS_NAMES)}\nclasses: [{', '.join(CLASS_NAMES)}]\n".encode())
     for i, scene in enumerate(make_scenes(num_examples, seed)):

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from hummingbird_fungi.data.segmentation import IMAGE_EXTENSIONS
+from hummingbird_fungi.data.segmentation import IMAGE_EXTENSIONS, images_by_stem
 from hummingbird_fungi.errors import DataError
 from hummingbird_fungi.eval.metrics import pixel_accuracy
 from hummingbird_fungi.segment.segmenter import InContextSegmenter
@@ -70,13 +70,14 @@ def list_images(source: str | Path) -> tuple[list[Path], list[Failure], list[str
 
 
 def masks_by_stem(folder: str | Path | None) -> dict[str, Path] | None:
-    """stem -> <folder>/<stem>.png of a mask folder (None without a folder)."""
+    """stem -> <folder>/<stem>.png of a mask folder, .png in any case (None without a folder); DataError for two
+    masks of one stem (`x.png` and `x.PNG`)."""
     if folder is None:
         return None
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"mask folder {folder} does not exist or is not a directory")
-    return {p.stem: p for p in sorted(folder.glob("*.png"))}
+    return images_by_stem(folder, (".png",))
 
 
 def example_dirs(folder: str | Path, split: str = "train") -> tuple[Path, Path]:
@@ -147,8 +148,8 @@ def segment_files(segmenter: InContextSegmenter, files: Sequence[Path], out: str
     the result holds the metrics and `<out>/per_class_iou.png` is drawn.
     """
     out = Path(out)
-    make_dirs(out / "masks")
-    make_dirs(out / "overlays")
+    make_dirs(out / "masks", inside=out)
+    make_dirs(out / "overlays", inside=out)
     total = segmenter.confusion_matrix() if ground_truth is not None else None
     unscored: Counter = Counter()
     records: list[dict[str, Any]] = []

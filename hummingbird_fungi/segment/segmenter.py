@@ -28,7 +28,8 @@ from hummingbird_fungi.config.schema import (
     TransferOptions,
 )
 from hummingbird_fungi.data.custom import as_image, as_mask as as_id_map
-from hummingbird_fungi.data.segmentation import DatasetInfo, SegmentationDataset, check_labels, read_folder_info
+from hummingbird_fungi.data.segmentation import (DatasetInfo, SegmentationDataset, check_labels, palette_problem,
+                                                 read_folder_info)
 from hummingbird_fungi.data.transforms import EvalTransform, read_image, read_mask
 from hummingbird_fungi.errors import ConfigError, DataError
 from hummingbird_fungi.eval.metrics import ConfusionMatrix, metric_summary
@@ -182,8 +183,9 @@ class InContextSegmenter:
     def __init__(self, extractor: PatchFeatures, bank: MemoryBank, input_size: tuple[int, int],
                  normalize: str = "imagenet", retrieval: RetrievalOptions | None = None,
                  transfer: TransferOptions | None = None, match_orientation: bool = True,
-                 device: str | torch.device = "auto", timings: dict[str, float] | None = None) -> None:
-        self.extractor, self.bank = extractor, bank
+                 device: str | torch.device = "auto", timings: dict[str, float] | None = None,
+                 non_finite: str = "error") -> None:
+        self.extractor, self.bank, self.non_finite = extractor, bank, non_finite  # features.non_finite
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.normalize, self.match_orientation = normalize, match_orientation
         self.device = resolve_device(device)
@@ -246,6 +248,9 @@ class InContextSegmenter:
         class_names = tuple(class_names or (f"class_{i}" for i in range(num_classes)))
         if len(class_names) != num_classes:
             raise ConfigError(f"{len(class_names)} class names for {num_classes} classes")
+        problem = None if palette is None else palette_problem(palette, num_classes)
+        if problem:
+            raise ConfigError(f"palette: {problem}")
         info = DatasetInfo("examples", num_classes, ignore_index, class_names, False)
         check_examples(labels, mask_names, info)
         with timed(timings, "load_backbone_s"):
@@ -264,7 +269,8 @@ class InContextSegmenter:
                                        seed=seed, timings=timings,
                                        manifest_extra={"segmenter": record, "palette": palette})
         return cls(extractor, bank, size, normalize=data.normalize, retrieval=retrieval, transfer=transfer,
-                   match_orientation=match_orientation, device=device_, timings=timings)
+                   match_orientation=match_orientation, device=device_, timings=timings,
+                   non_finite=features.non_finite)
 
     @classmethod
     def from_memory(cls, path: str | Path, backbone: Any = None, *, weights: str | Path | None = None,
@@ -379,7 +385,8 @@ class InContextSegmenter:
         start = time.perf_counter()
         out = sorted(predict(self.query_batches(images, targets), self.transfer, self.extractor,
                              ignore_index=self.ignore_index, class_chunk=self.transfer_options.class_chunk,
-                             device=self.device, extra=extra), key=lambda prediction: prediction.key)
+                             device=self.device, extra=extra, non_finite=self.non_finite),
+                     key=lambda prediction: prediction.key)
         self.timings["predict_s"] = self.timings.get("predict_s", 0.0) + time.perf_counter() - start
         return out
 

@@ -6,6 +6,9 @@ Choices, in order of the pipeline:
   frames with the same stems. The first frame must have one. `annotate="all"` puts every given mask in the
   memory; `annotate="first"` only the first frame's, and the other masks are ground truth to score against
   (DAVIS's first-frame protocol with the benchmark's own annotation folder).
+* Before the model loads every frame and mask header is read (`check_clip`): an unreadable file, frames of
+  different sizes or a mask of another size than its frame are refused. A frame that still fails while the
+  clip is segmented (e.g. truncated pixel data) is listed under `failed` and the clip goes on.
 * The memory bank is built by `InContextSegmenter.from_examples` from the annotated frames (same label
   space rules, features, input size and retrieval options as `hbfungi segment`). All frames must share
   one size.
@@ -43,7 +46,7 @@ from hummingbird_fungi.errors import ConfigError, DataError
 from hummingbird_fungi.eval.metrics import foreground_confusion, jaccard
 from hummingbird_fungi.fileio import make_dirs, save_image, write_json
 from hummingbird_fungi.runtime import versions
-from hummingbird_fungi.segment.folders import list_images, masks_by_stem, write_mask
+from hummingbird_fungi.segment.folders import Failure, list_images, masks_by_stem, read_ground_truth, write_mask
 from hummingbird_fungi.segment.segmenter import InContextSegmenter
 from hummingbird_fungi.segment.visualize import overlay, overlay_with_legend, thumbnail
 
@@ -51,6 +54,7 @@ log = logging.getLogger(__name__)
 
 ANNOTATE_CHOICES = ("all", "first")
 STRIP_FRAMES, STRIP_SIDE = 6, 320
+ORIENTATION = 0x0112  # the EXIF orientation tag; 5-8 turn the image by 90 degrees
 
 
 def strip_indices(total: int, count: int = STRIP_FRAMES) -> list[int]:
@@ -68,10 +72,40 @@ def video_strip(thumbnails: Sequence[np.ndarray], gap: int = 4) -> np.ndarray:
 # --------------------------------------------------------------------------- inputs
 
 
+def header_size(path: Path, what: str, orient: bool = False) -> tuple[int, int]:
+    """(h, w) of an image file from its header, pixels not decoded (`orient`: as displayed, after its EXIF
+    orientation); DataError naming an unreadable file."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            # a PNG's EXIF is only read without decoding when it precedes the pixels
+            exif = image.getexif() if orient and (image.format != "PNG" or "exif" in image.info) else {}
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read {what} {path}: {err}") from err
+    return (width, height) if exif.get(ORIENTATION, 1) in (5, 6, 7, 8) else (height, width)
+
+
+def check_clip(files: Sequence[Path], masks: dict[str, Path]) -> None:
+    """Refuse a clip (frames `files`, stem -> mask) with an unreadable frame or mask, frames of different sizes
+    or a mask of another size than its frame; only headers are read."""
+    first_size = None
+    for path in files:
+        height, width = size = header_size(path, "frame", orient=True)
+        first_size = first_size or size
+        if size != first_size:
+            raise DataError(f"frame {path} is {width}x{height} but {files[0]} is {first_size[1]}x{first_size[0]} "
+                            f"(width x height): the frames of a clip must share one size")
+        mask = masks.get(path.stem)
+        mask_size = None if mask is None else header_size(mask, "mask")
+        if mask_size not in (None, size):
+            raise DataError(f"mask {mask} is {mask_size[1]}x{mask_size[0]} but its frame {path} is {width}x{height} "
+                            f"(width x height)")
+
+
 def video_inputs(frames: str | Path, masks: str | Path,
                  annotate: str = "all") -> tuple[list[Path], dict[str, Path], dict[str, Path]]:
     """(frames sorted by name, stem -> mask of annotated frames, stem -> mask to score); DataError when the
-    first frame has no mask, stems repeat or there are no frames."""
+    first frame has no mask, stems repeat, there are no frames, or `check_clip` refuses a frame or mask."""
     if annotate not in ANNOTATE_CHOICES:
         raise ConfigError(f"annotate must be one of {ANNOTATE_CHOICES}, got {annotate!r}")
     files, duplicates, _ = list_images(frames)
@@ -88,6 +122,7 @@ def video_inputs(frames: str | Path, masks: str | Path,
     if unused:
         log.warning("%d masks in %s match no frame and are ignored: %s", len(unused), masks, unused[:5])
     given = {stem: path for stem, path in given.items() if stem in stems}
+    check_clip(files, given)
     annotated = {first: given[first]} if annotate == "first" else given
     truth = {stem: path for stem, path in given.items() if stem not in annotated}
     return files, annotated, truth
@@ -153,44 +188,56 @@ def segment_frame(segmenter: InContextSegmenter, image: Image.Image,
 def segment_clip(segmenter: InContextSegmenter, files: Sequence[Path], annotated: dict[str, Path],
                  truth: dict[str, Path], out: Path, propagate: int = 0, radius: int | None = None) -> dict[str, Any]:
     """Write `<out>/masks/<stem>.png` and `<out>/overlays/<stem>.png` for every frame and `<out>/strip.png`;
-    per-frame records and J."""
-    make_dirs(out / "masks")
-    make_dirs(out / "overlays")
+    per-frame records and J. A frame that cannot be read or segmented is logged, listed under `failed` and
+    skipped; a ground-truth mask that cannot be scored is recorded in its frame's `ground_truth_error`."""
+    make_dirs(out / "masks", inside=out)
+    make_dirs(out / "overlays", inside=out)
     memory = PropagatedFrames(propagate, radius)
     records: list[dict[str, Any]] = []
+    failed: list[Failure] = []
     start = time.perf_counter()
     predicted = 0
-    shown, thumbnails = strip_indices(len(files)), []
+    shown, thumbnails, strip_frames = strip_indices(len(files)), [], []
     for number, path in enumerate(files):
-        image = read_image(path)
-        if path.stem in annotated:
-            pred = read_mask(annotated[path.stem]).astype(segmenter.mask_dtype)  # size checked by from_examples
-        else:
-            pred = segment_frame(segmenter, image, memory)
-            predicted += 1
+        try:
+            image = read_image(path)
+            if path.stem in annotated:
+                pred = read_mask(annotated[path.stem]).astype(segmenter.mask_dtype)  # size checked by from_examples
+            else:
+                pred = segment_frame(segmenter, image, memory)
+                predicted += 1
+        except DataError as exc:
+            log.warning("skipping frame %s: %s", path.name, exc)
+            failed.append({"file": str(path), "error": str(exc)})
+            continue
         write_mask(out / "masks" / f"{path.stem}.png", pred, segmenter.colours)
         save_image(out / "overlays" / f"{path.stem}.png", Image.fromarray(
             overlay_with_legend(image, pred, segmenter.class_names, segmenter.colours)))
         if number in shown:
             thumbnails.append(thumbnail(overlay(image, pred, len(segmenter.class_names), colours=segmenter.colours),
                                         STRIP_SIDE))
+            strip_frames.append(path.stem)
         record: dict[str, Any] = {"frame": str(path), "mask": f"masks/{path.stem}.png",
                                   "overlay": f"overlays/{path.stem}.png", "annotated": path.stem in annotated}
         if path.stem in truth:
-            gt = read_mask(truth[path.stem])
-            if gt.shape != pred.shape:
-                raise DataError(f"mask {truth[path.stem]} is {gt.shape[1]}x{gt.shape[0]} but frame {path} is "
-                                f"{image.width}x{image.height} (width x height)")
-            confusion = foreground_confusion(pred, gt, segmenter.ignore_index)
-            record.update(ground_truth=str(truth[path.stem]), j=jaccard(confusion), confusion=confusion.tolist())
+            gt, score = read_ground_truth(truth[path.stem], pred.shape)
+            record.update(score)
+            if gt is not None:
+                confusion = foreground_confusion(pred, gt.numpy(), segmenter.ignore_index)
+                record.update(j=jaccard(confusion), confusion=confusion.tolist())
         records.append(record)
     seconds = time.perf_counter() - start
-    save_image(out / "strip.png", Image.fromarray(video_strip(thumbnails)))
+    if thumbnails:
+        save_image(out / "strip.png", Image.fromarray(video_strip(thumbnails)))
     scores = [record["j"] for record in records if "j" in record]
-    return {"num_frames": len(files), "num_annotated": len(files) - predicted, "num_scored": len(scores),
-            "j_mean": float(np.mean(scores)) if scores else None, "frames": records, "seconds": seconds,
-            "seconds_per_predicted_frame": seconds / predicted if predicted else None, "strip": "strip.png",
-            "strip_frames": [files[i].stem for i in shown]}
+    if failed:
+        log.warning("%d of %d frames could not be segmented: %s", len(failed), len(files),
+                    ", ".join(Path(f["file"]).name for f in failed))
+    return {"num_frames": len(files), "num_segmented": len(records),
+            "num_annotated": sum(record["annotated"] for record in records), "num_scored": len(scores),
+            "j_mean": float(np.mean(scores)) if scores else None, "frames": records, "failed": failed,
+            "seconds": seconds, "seconds_per_predicted_frame": seconds / predicted if predicted else None,
+            "strip": "strip.png" if thumbnails else None, "strip_frames": strip_frames}
 
 
 def run_video(frames: str | Path, masks: str | Path, out: str | Path, annotate: str = "all", propagate: int = 0,
