@@ -29,6 +29,7 @@ _EXPORTS = {
     "MemoryOptions": "hummingbird_fungi.config.schema",
     "RetrievalOptions": "hummingbird_fungi.config.schema",
     "TransferOptions": "hummingbird_fungi.config.schema",
+    "TransformOptions": "hummingbird_fungi.config.schema",
     "MemoryBank": "hummingbird_fungi.memory.bank",
 }
 

@@ -136,7 +136,8 @@ FLAGS = [
     ("segment", "--k", "0"), ("segment", "--batch-size", "0"), ("segment", "--augmentation-epochs", "-1"),
     ("segment", "--num-classes", "0"), ("segment", "--ignore-index", "-1"), ("segment", "--input-size", "0x64"),
     ("segment", "--seed", "-1"), ("segment", "--device", "gpu"), ("segment", "--backend", "nope"),
-    ("segment", "--feature-option", "tau=.nan"), ("video", "--propagate", "-1"), ("video", "--radius", "-1"),
+    ("segment", "--feature-option", "tau=.nan"), ("segment", "--whiten-dims", "0"), ("video", "--propagate", "-1"),
+    ("video", "--radius", "-1"),
     ("video", "--temperature", "nan"), ("demo", "--temperature", "-inf"), ("demo", "--backbone-option", "depth=-1"),
 ]
 

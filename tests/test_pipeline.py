@@ -41,10 +41,22 @@ def corrupt(image):
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.255])  # 'reference' (its 0.255 typo)
 
 
-def recomputed(root, bank_path, seed: int, size: tuple[int, int], original: bool, k: int = 5, temperature=0.1):
-    """(standard mIoU, reference mIoU, per-class IoU) of the toy validation split, computed independently."""
+def unit(rows: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length."""
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def recomputed(root, bank_path, seed: int, size: tuple[int, int], original: bool, k: int = 5, temperature=0.1,
+               transform=None):
+    """(standard mIoU, reference mIoU, per-class IoU) of the toy validation split, computed independently;
+    `transform`: a map of raw rows (n, D) -> (n, d) applied to memory rows and query patches before the cosine
+    (the neighbours are ranked by the transformed memory rows rounded to the bank's float16, as it indexes them)."""
     bank = MemoryBank.load(bank_path)
     memory = np.concatenate(bank.feature_blocks).astype(np.float64)  # (M, D) unit rows
+    ranked = memory
+    if transform is not None:
+        memory = unit(transform(memory))
+        ranked = memory.astype(np.float16).astype(np.float64)
     labels = np.concatenate(bank.label_blocks).astype(np.float64)  # (M, C)
     model = create_encoder("vit_tiny_patch16_224", pretrained=False, seed=seed).model  # the run's random weights
     classes, void, (height, width) = 3, 3, size
@@ -56,9 +68,11 @@ def recomputed(root, bank_path, seed: int, size: tuple[int, int], original: bool
         pixels = (np.asarray(image, np.float64) / 255 - MEAN) / STD  # (H, W, 3)
         with torch.no_grad():
             tokens = model.forward_features(torch.from_numpy(pixels).permute(2, 0, 1)[None].float())
-        patches = tokens[0, model.num_prefix_tokens:].double().numpy()  # (N, D)
-        cos = (patches / np.linalg.norm(patches, axis=1, keepdims=True)) @ memory.T  # (N, M)
-        top = np.argsort(-cos, axis=1, kind="stable")[:, :k]
+        patches = unit(tokens[0, model.num_prefix_tokens:].double().numpy())  # (N, D)
+        if transform is not None:
+            patches = unit(transform(patches))
+        cos = patches @ memory.T  # (N, M)
+        top = np.argsort(-(patches @ ranked.T), axis=1, kind="stable")[:, :k]
         weights = np.exp(np.take_along_axis(cos, top, 1) / temperature)
         probs = np.einsum("nk,nkc->nc", weights / weights.sum(1, keepdims=True), labels[top])  # (N, C)
         if not original:  # nearest resize of the mask to the network input
@@ -79,9 +93,9 @@ def recomputed(root, bank_path, seed: int, size: tuple[int, int], original: bool
     return float(np.nanmean(iou)), float(matched / classes), dict(zip(("sky", "road", "car"), iou.tolist()))
 
 
-def assert_scores_recomputed(result, *args) -> None:
+def assert_scores_recomputed(result, *args, **options) -> None:
     """The run's mIoU (both modes) and per-class IoU equal the independent recomputation."""
-    miou, reference, per_class = recomputed(*args)
+    miou, reference, per_class = recomputed(*args, **options)
     assert result["miou"] == pytest.approx(miou, abs=1e-9)
     assert result["miou_reference"] == pytest.approx(reference, abs=1e-9)
     assert result["per_class_iou"] == pytest.approx(per_class, abs=1e-9)

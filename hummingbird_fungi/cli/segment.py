@@ -88,6 +88,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="patch features: plain embeddings or FUNGI (default embeddings)")
     parser.add_argument("--feature-option", action="append", metavar="KEY=VALUE",
                         help="FUNGI option, e.g. negatives=support (repeatable)")
+    parser.add_argument("--whiten", action="store_true",
+                        help="whiten the features with a PCA fitted on the example patches (features.transform)")
+    parser.add_argument("--whiten-dims", type=checked(int, at_least(1)), metavar="N",
+                        help="with --whiten: keep the N axes of largest variance (default: every axis)")
     parser.add_argument("--input-size", type=checked(input_size, positive),
                         help="network input HxW (height first), multiples of the patch (default: long side 448, "
                              "the examples' aspect)")
@@ -118,13 +122,15 @@ def add_label_space_args(parser: argparse.ArgumentParser) -> None:
 def segmenter_options(args: argparse.Namespace) -> dict[str, Any]:
     """The flags shared by segment, demo and video as `InContextSegmenter.from_examples` keywords and sections."""
     from hummingbird_fungi.config.schema import (DataOptions, FeatureOptions, FungiOptions, MemoryOptions,
-                                                 RetrievalOptions, SupportOptions, TransferOptions)
+                                                 RetrievalOptions, SupportOptions, TransferOptions, TransformOptions)
     from hummingbird_fungi.segment.segmenter import SEGMENT_DATA, SEGMENT_MEMORY
 
     if args.weights is not None and not args.weights.is_file():
         raise DataError(f"weights file {args.weights} does not exist")
     if args.feature_option and args.features != "fungi":
         raise ConfigError(f"--feature-option {args.feature_option} given for {args.features!r} features")
+    if args.whiten_dims is not None and not args.whiten:
+        raise ConfigError(f"--whiten-dims {args.whiten_dims} needs --whiten")
     with flag_named(f"--feature-option {' '.join(args.feature_option or [])}"):
         fungi = FungiOptions.from_mapping(overrides_to_dict(args.feature_option))
     with flag_named(f"--backend {args.backend}"):
@@ -132,7 +138,8 @@ def segmenter_options(args: argparse.Namespace) -> dict[str, Any]:
     epochs = args.augmentation_epochs
     return {"weights": args.weights, "pretrained": not args.random_init,
             "backbone_kwargs": overrides_to_dict(args.backbone_option), "input_size": args.input_size,
-            "features": FeatureOptions(kind=args.features, fungi=fungi, support=SupportOptions(size=args.memory_size)),
+            "features": FeatureOptions(kind=args.features, fungi=fungi, support=SupportOptions(size=args.memory_size),
+                                       transform=TransformOptions(pca=args.whiten, dims=args.whiten_dims)),
             "memory": dataclasses.replace(SEGMENT_MEMORY, size=args.memory_size, augment=epochs > 0,
                                           augmentation_epochs=max(epochs, 1)),
             "retrieval": retrieval,
@@ -251,6 +258,9 @@ def cmd_segment(args: argparse.Namespace) -> None:
     """`hbfungi segment`."""
     if (args.examples is None) == (args.memory is None):
         raise ConfigError("pass exactly one of --examples DIR and --memory PATH")
+    if args.memory is not None and args.whiten:
+        raise ConfigError(f"--whiten applies to a bank built from --examples; --memory {args.memory} applies the "
+                          f"transform it was saved with (--whiten --save-memory)")
     summary, _ = run_segment(args, args.examples, args.memory, args.images, args.ground_truth, args.out)
     finish(summary, args.out)
 

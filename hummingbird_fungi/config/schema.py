@@ -161,6 +161,19 @@ class SupportOptions(Section):
 
 
 @dataclass
+class TransformOptions(Section):
+    """A label-free transform fitted on the memory rows and applied to bank and query features (PCA, whitening)."""
+
+    key = "features.transform"
+    pca: bool = option(False, doc="fit a PCA on a sample of the memory rows; off: raw features (the reference)")
+    dims: int | None = option(None, check=at_least(1),
+                              doc="axes kept, largest variance first; null: every axis (whitened: at most rows - 1)")
+    whiten: bool = option(True, doc="divide each axis by the square root of its eigenvalue (identity covariance)")
+    epsilon: float = option(0.0, check=at_least(0), doc="added to each eigenvalue before whitening")
+    fit_rows: int = option(200000, check=at_least(1), doc="rows of the seeded uniform sample the PCA is fitted on")
+
+
+@dataclass
 class FeatureOptions(Section):
     """Which patch features fill the memory bank and query it."""
 
@@ -169,6 +182,7 @@ class FeatureOptions(Section):
                            doc="a registered patch feature kind (`hbfungi list features`)")
     fungi: FungiOptions = option(factory=FungiOptions)
     support: SupportOptions = option(factory=SupportOptions)
+    transform: TransformOptions = option(factory=TransformOptions)
     non_finite: Literal["error", "drop"] = option("error", doc="feature rows holding NaN or inf (bank and queries): "
                                                                "error names the images; drop leaves them out "
                                                                "with a warning")

@@ -1,5 +1,6 @@
 """Patch features: the interface (`PatchFeatures`), plain embeddings, patch and image FUNGI, their
-losses, gradient capture and projections, and the on-disk feature cache.
+losses, gradient capture and projections, the on-disk feature cache, and the PCA / whitening fitted
+on the memory rows (`features.pca`, `features.transform`).
 
 `build_patch_features(kind, encoder, options)` creates the extractor named by `features.kind`.
 """

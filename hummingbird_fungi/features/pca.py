@@ -2,9 +2,10 @@
 
 `Pca.fit` accumulates the covariance in float64 block by block on the rows' device (so GPU-sized
 train sets fit) and keeps the top principal axes, largest variance first, as sklearn's full-SVD PCA
-does up to signs; applying it centres with the fitted mean and projects in float64. Whitening divides
-each coordinate by the square root of its eigenvalue, so the fitted rows get identity covariance.
-The kNN evaluation (`eval.knn.reduce`) and the feature study (`eval.study`) both use it.
+does up to signs; applying it centres with the fitted mean and projects in float64 (or a given dtype).
+Whitening divides each coordinate by the square root of its eigenvalue (plus an optional epsilon), so
+the fitted rows get identity covariance. The kNN evaluation (`eval.knn.reduce`), the feature study
+(`eval.study`) and the pipeline's feature transform (`features.transform`) use it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ class Pca:
 
     @classmethod
     def fit(cls, rows: Tensor, dims: int, whiten: bool = False, max_rows: int | None = None,
-            seed: int = 0) -> "Pca":
-        """The top `dims` axes of rows (N, D); more than `max_rows` rows: those of a seeded sample of that many."""
+            seed: int = 0, epsilon: float = 0.0) -> "Pca":
+        """The top `dims` axes of rows (N, D); more than `max_rows` rows: those of a seeded sample of that many;
+        whitening scales by 1 / sqrt(eigenvalue + `epsilon`)."""
         if not 1 <= dims <= rows.shape[1]:
             raise ConfigError(f"pca={dims} must lie in [1, {rows.shape[1]}] (the feature size)")
         if max_rows is not None and rows.shape[0] > max_rows:
@@ -42,12 +44,12 @@ class Pca:
             centred = block.double() - mean
             covariance += centred.T @ centred  # (D, D)
         eigenvalues, vectors = torch.linalg.eigh(covariance / max(rows.shape[0] - 1, 1))  # ascending
-        scale = eigenvalues[-dims:].flip(0).clamp_min(1e-12).rsqrt() if whiten else None
+        scale = (eigenvalues[-dims:].flip(0).clamp_min(1e-12) + epsilon).rsqrt() if whiten else None
         return cls(mean, vectors[:, -dims:].flip(1), scale)
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """Rows (n, D) -> (n, d) in x's dtype (float64 arithmetic); not renormalised."""
-        out = (x.double() - self.mean) @ self.axes
+    def __call__(self, x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """Rows (n, D) -> (n, d) in x's dtype, computed in `dtype` on x's device; not renormalised."""
+        out = (x.to(dtype) - self.mean.to(x.device, dtype)) @ self.axes.to(x.device, dtype)
         if self.scale is not None:
-            out = out * self.scale
+            out = out * self.scale.to(x.device, dtype)
         return out.to(x.dtype)

@@ -5,6 +5,7 @@ On disk a bank is a directory::
     <bank>/manifest.json                 what built it (encoder, features, data, sampling, ...)
     <bank>/shards/<s>.features.npy       (rows, D) float16/float32, unit rows
     <bank>/shards/<s>.labels.npy         (rows, C) float16/float32 class histograms
+    <bank>/transforms/<key>/             feature transforms fitted on the rows (memory.build), stored rows stay raw
 
 `BankWriter` writes into `<bank>.partial/` while holding a lock on `<bank>.lock`; every file goes
 to a temporary name and is renamed, and a shard counts as finished once its record
@@ -22,9 +23,9 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any, Iterator, NoReturn
+from typing import IO, Any, Iterator, NoReturn, Protocol
 
 import numpy as np
 import torch
@@ -38,6 +39,18 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: the recipe (spec) uses the memory options names (size, augmentation_epochs)
 SEALED_KEYS = ("features", "input_size", "num_classes", "shards", "count")  # what a finished bank records
 FEATURE_KEYS = ("kind", "backbone", "options")
+TRANSFORM_ROWS = 65536  # rows mapped at a time by a bank's feature transform
+
+
+class RowTransform(Protocol):
+    """A map of raw feature rows (n, D) -> (n, d) float32 unit rows (the pipeline's `features.transform`)."""
+
+    @property
+    def dim(self) -> int:
+        """Output dimension d."""
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, D) -> (n, d) float32."""
 
 
 def shard_files(bank_dir: Path, name: str) -> tuple[Path, Path]:
@@ -193,11 +206,13 @@ def verify_shard(bank_dir: Path, name: str, rows: int | None = None,
 
 @dataclass
 class MemoryBank:
-    """Unit-norm features (M, D) and soft labels (M, C), held as one or more row blocks."""
+    """Unit-norm features (M, D) and soft labels (M, C), held as one or more row blocks; an optional `transform`
+    maps feature rows as they are read (the stored rows stay raw)."""
 
     feature_blocks: list[np.ndarray]
     label_blocks: list[np.ndarray]
     manifest: dict
+    transform: RowTransform | None = None
 
     def __post_init__(self) -> None:
         sizes = [len(block) for block in self.feature_blocks]
@@ -251,10 +266,19 @@ class MemoryBank:
         """Number of rows M."""
         return int(self.offsets[-1])
 
+    def with_transform(self, transform: RowTransform | None) -> "MemoryBank":
+        """This bank (sharing its row blocks) read through `transform` (None: raw rows)."""
+        return replace(self, transform=transform)
+
+    @property
+    def stored_dim(self) -> int:
+        """Width of the stored feature rows (before any transform)."""
+        return int(self.feature_blocks[0].shape[1])
+
     @property
     def dim(self) -> int:
-        """Feature dimension D."""
-        return int(self.feature_blocks[0].shape[1])
+        """Feature dimension D as read (after the transform, if any)."""
+        return self.stored_dim if self.transform is None else self.transform.dim
 
     @property
     def num_classes(self) -> int:
@@ -262,8 +286,17 @@ class MemoryBank:
         return int(self.label_blocks[0].shape[1])
 
     def feature_chunks(self) -> Iterator[np.ndarray]:
-        """The feature blocks in row order (for adding to an index shard by shard)."""
-        yield from self.feature_blocks
+        """The feature blocks in row order (for adding to an index shard by shard), each mapped by the transform
+        when there is one (TRANSFORM_ROWS rows at a time, kept in the block's stored dtype)."""
+        for block in self.feature_blocks:
+            if self.transform is None:
+                yield block
+                continue
+            out = np.empty((len(block), self.dim), dtype=block.dtype)
+            for start in range(0, len(block), TRANSFORM_ROWS):
+                rows = torch.from_numpy(np.asarray(block[start:start + TRANSFORM_ROWS], dtype=np.float32))
+                out[start:start + TRANSFORM_ROWS] = self.transform(rows).numpy()
+            yield out
 
     def _gather(self, blocks: list[np.ndarray], ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` (any shape) from row blocks -> (*ids.shape, width) float32."""
@@ -278,8 +311,11 @@ class MemoryBank:
         return torch.from_numpy(out).reshape(*ids.shape, -1)
 
     def gather_features(self, ids: torch.Tensor) -> torch.Tensor:
-        """Features of rows `ids` -> (*ids.shape, D) float32."""
-        return self._gather(self.feature_blocks, ids)
+        """Features of rows `ids` -> (*ids.shape, D) float32, mapped by the transform when there is one."""
+        if self.transform is None:
+            return self._gather(self.feature_blocks, ids)
+        unique, inverse = torch.unique(ids, return_inverse=True)  # rows shared by several queries are mapped once
+        return self.transform(self._gather(self.feature_blocks, unique))[inverse]
 
     def gather_labels(self, ids: torch.Tensor) -> torch.Tensor:
         """Soft labels of rows `ids` -> (*ids.shape, C) float32."""
@@ -299,7 +335,8 @@ class MemoryBank:
         return torch.cat(ids)
 
     def sample_features(self, count: int, seed: int = 0) -> torch.Tensor:
-        """Features of `count` rows drawn uniformly without replacement (seeded) -> (min(count, M), D) float32."""
+        """Features of `count` rows drawn uniformly without replacement (seeded) -> (min(count, M), D) float32, as
+        `gather_features` reads them (mapped by the transform when there is one)."""
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randperm(self.count, generator=gen)[:count].sort().values  # sorted: sequential reads
         return self.gather_features(ids)

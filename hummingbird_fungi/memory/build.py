@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hummingbird_fungi.config.schema import DataOptions, FeatureOptions, MemoryOptions
+from hummingbird_fungi.config.schema import DataOptions, FeatureOptions, MemoryOptions, TransformOptions
 from hummingbird_fungi.data.transforms import TrainTransform
 from hummingbird_fungi.distributed import barrier, rank_and_world
 from hummingbird_fungi.errors import ConfigError, DataError, worker_errors_unwrapped
 from hummingbird_fungi.features import EmbeddingFeatures, PatchFeatures, build_patch_features
 from hummingbird_fungi.features.base import finite_rows
-from hummingbird_fungi.memory.bank import FORMAT_VERSION, BankWriter, MemoryBank, shard_name
+from hummingbird_fungi.features.transform import (ARRAY_NAMES, FeatureTransform, TransformedFeatures,
+                                                  recipe_identity, transform_identity, transform_key)
+from hummingbird_fungi.fileio import TEMP_MARK, make_dirs, save_npy_atomic, write_atomic
+from hummingbird_fungi.memory.bank import (FORMAT_VERSION, BankWriter, MemoryBank, manifest_differences, manifest_json,
+                                           npy_shape, shard_name)
 from hummingbird_fungi.memory.labels import bank_patches, patches_per_image, patchify_labels, soft_labels
 from hummingbird_fungi.models.encoders import Encoder
 from hummingbird_fungi.runtime import timed
@@ -206,13 +212,14 @@ def subsample_bank(bank: MemoryBank, n_img: int, rule: str = "label_aware") -> M
     """Keep `n_img` rows per image of an unbounded bank by the builder's own sampling draws.
 
     Without augmentation this equals building the bounded bank directly (same seeds, same
-    label statistics), so several memory sizes can share one feature extraction.
+    label statistics), so several memory sizes can share one feature extraction. The full bank's
+    feature transform, if any, is kept.
     """
     manifest = bank.manifest
     per_image, spec = manifest["patches_per_image"], manifest["spec"]
     if spec["size"] is not None:
         raise ConfigError("subsample_bank needs an unbounded bank (memory.size=null)")
-    features = np.concatenate(bank.feature_blocks).reshape(-1, per_image, bank.dim)
+    features = np.concatenate(bank.feature_blocks).reshape(-1, per_image, bank.stored_dim)
     labels = np.concatenate(bank.label_blocks).reshape(-1, per_image, bank.num_classes)
     keep = []
     for item in range(len(features)):
@@ -224,9 +231,10 @@ def subsample_bank(bank: MemoryBank, n_img: int, rule: str = "label_aware") -> M
     shards = [{**shard, "rows": (shard["images"][1] - shard["images"][0]) * n_img} for shard in manifest["shards"]]
     splits = np.cumsum([shard["rows"] for shard in shards])[:-1]  # one block per shard, as built
     return MemoryBank(
-        np.split(np.take_along_axis(features, rows, 1).reshape(-1, bank.dim), splits),
+        np.split(np.take_along_axis(features, rows, 1).reshape(-1, bank.stored_dim), splits),
         np.split(np.take_along_axis(labels, rows, 1).reshape(-1, bank.num_classes), splits),
-        {**manifest, "patches_per_image": n_img, "spec": new_spec, "shards": shards, "count": n_img * len(features)})
+        {**manifest, "patches_per_image": n_img, "spec": new_spec, "shards": shards, "count": n_img * len(features)},
+        transform=bank.transform)
 
 
 # --------------------------------------------------------------------------- a bank for an encoder and options
@@ -253,11 +261,107 @@ def make_extractor(encoder: Encoder, features: FeatureOptions, train_set, memory
     return extractor
 
 
+# --------------------------------------------------------------------------- the feature transform
+
+
+TRANSFORM_RECIPE = "transform.json"  # written last into a stored transform's folder
+
+
+def transform_folder(bank: str | Path, key: str) -> Path:
+    """Where the bank at `bank` stores the feature transform `key`: `<bank>/transforms/<key>/`."""
+    return Path(bank) / "transforms" / key
+
+
+def read_transform(folder: Path, recipe: dict[str, Any], where: str) -> FeatureTransform:
+    """The transform of `recipe` from the `transform_*.npy` files in `folder` (a truncated file is named)."""
+    arrays = {}
+    for name in ARRAY_NAMES:
+        file = folder / f"{name}.npy"
+        if file.is_file():
+            npy_shape(file)
+            arrays[name] = np.load(file)
+    return FeatureTransform.from_arrays(recipe, arrays, where)
+
+
+def stored_transform(folder: Path, identity: dict[str, Any]) -> FeatureTransform | None:
+    """The transform stored in `folder` (None when there is none); DataError when it records another identity."""
+    file = folder / TRANSFORM_RECIPE
+    if not file.is_file():
+        return None
+    try:
+        recipe = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"corrupt feature transform recipe {file}: {exc}; remove {folder} to refit it") from exc
+    diffs = manifest_differences(recipe_identity(recipe) if isinstance(recipe, dict) else recipe,
+                                 json.loads(manifest_json(identity)))
+    if diffs:
+        raise DataError(f"feature transform {folder} records another recipe; remove it to refit:\n  "
+                        + "\n  ".join(diffs))
+    return read_transform(folder, recipe, str(folder))
+
+
+def store_transform(folder: Path, transform: FeatureTransform) -> None:
+    """Write `transform` to `folder` all at once (files into a fresh hidden folder beside it, then one rename); an
+    existing transform is never replaced, and a bank that cannot be written to only costs a refit next time."""
+    parent = folder.parent
+    try:
+        make_dirs(parent)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}{TEMP_MARK}", dir=parent))
+    except (OSError, DataError) as exc:
+        log.warning("could not store the feature transform in %s (%s); it is refitted by each run", folder, exc)
+        return
+    try:
+        for name, array in transform.arrays().items():
+            save_npy_atomic(staging / f"{name}.npy", array)
+        write_atomic(staging / TRANSFORM_RECIPE, manifest_json(transform.recipe))  # last: marks it complete
+        os.rename(staging, folder)
+        log.info("feature transform stored in %s", folder)
+    except (OSError, DataError) as exc:
+        if (folder / TRANSFORM_RECIPE).is_file():
+            log.info("another run stored the feature transform %s first; keeping it", folder)
+        else:
+            log.warning("could not store the feature transform in %s (%s); it is refitted by each run", folder, exc)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def feature_transform(bank: MemoryBank, options: TransformOptions, seed: int, path: str | Path | None = None,
+                      timings: dict[str, float] | None = None) -> FeatureTransform:
+    """The transform of `options` for the raw rows of `bank` (read past any transform it has): the one stored with
+    the bank at `path` when there, else fitted on a uniform sample of `options.fit_rows` rows drawn with `seed` (and
+    stored there)."""
+    identity = transform_identity(options, seed)
+    folder = None if path is None else transform_folder(path, transform_key(identity))
+    transform = None if folder is None else stored_transform(folder, identity)
+    if transform is not None:
+        log.info("loaded the feature transform %s (%d -> %d dims)", folder, bank.stored_dim, transform.dim)
+        return transform
+    with timed(timings, "fit_transform_s"):
+        rows = bank.with_transform(None).sample_features(options.fit_rows, seed)
+        transform = FeatureTransform.fit(rows, options, seed)
+    log.info("fitted a PCA%s on %d memory rows: %d -> %d dims", " with whitening" if options.whiten else "",
+             transform.recipe["fitted_rows"], bank.stored_dim, transform.dim)
+    if folder is not None:
+        store_transform(folder, transform)
+    return transform
+
+
+def transformed(bank: MemoryBank, extractor: PatchFeatures, transform: FeatureTransform
+                ) -> tuple[MemoryBank, PatchFeatures]:
+    """`bank` read through `transform` and `extractor` followed by it: a bank and its queries in one space."""
+    return bank.with_transform(transform), TransformedFeatures(extractor, transform)
+
+
+# --------------------------------------------------------------------------- the bank of a run
+
+
 def build_memory(encoder: Encoder, train_set, *, input_size: tuple[int, int], features: FeatureOptions,
                  memory: MemoryOptions, data: DataOptions, device: torch.device, seed: int,
                  timings: dict[str, float] | None = None,
                  manifest_extra: dict | None = None) -> tuple[MemoryBank, PatchFeatures]:
-    """The memory bank of `train_set` (loaded from memory.path when it exists, else built, and saved there).
+    """The memory bank of `train_set` (loaded from memory.path when it exists, else built, and saved there) and
+    the extractor of its queries; with `features.transform.pca` both go through a transform fitted on the raw
+    rows (`feature_transform`: stored with a saved bank, one folder per recipe, reused when there).
 
     A saved bank is reused only if it records this very recipe (features, data and file list, sampling,
     seed, epochs, size, ...); otherwise BankMismatchError names the keys that differ.
@@ -272,9 +376,11 @@ def build_memory(encoder: Encoder, train_set, *, input_size: tuple[int, int], fe
         with timed(timings, "load_memory_s"):
             bank = MemoryBank.load(path, expect_features=extractor.manifest(), expect_build=recipe)
         log.info("loaded memory bank %s (%d rows, built from %s)", path, bank.count, bank.manifest.get("dataset"))
+    else:
+        with timed(timings, "build_memory_s"):
+            bank = build_memory_bank(train_set, extractor, memory, seed, manifest_extra=manifest_extra,
+                                     batch_size=data.batch_size, num_workers=data.num_workers, device=device,
+                                     non_finite=features.non_finite)
+    if not features.transform.pca:
         return bank, extractor
-    with timed(timings, "build_memory_s"):
-        bank = build_memory_bank(train_set, extractor, memory, seed, manifest_extra=manifest_extra,
-                                 batch_size=data.batch_size, num_workers=data.num_workers, device=device,
-                                 non_finite=features.non_finite)
-    return bank, extractor
+    return transformed(bank, extractor, feature_transform(bank, features.transform, seed, path, timings))

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,8 +35,9 @@ from hummingbird_fungi.data.transforms import EvalTransform, read_image, read_ma
 from hummingbird_fungi.errors import ConfigError, DataError
 from hummingbird_fungi.eval.metrics import ConfusionMatrix, metric_summary
 from hummingbird_fungi.features import PatchFeatures, build_patch_features
+from hummingbird_fungi.features.transform import TransformedFeatures
 from hummingbird_fungi.memory.bank import MemoryBank, npy_shape, read_manifest
-from hummingbird_fungi.memory.build import build_memory
+from hummingbird_fungi.memory.build import build_memory, read_transform, transformed
 from hummingbird_fungi.models.encoders import Encoder
 from hummingbird_fungi.models.factory import create_encoder
 from hummingbird_fungi.retrieval.predict import Prediction, QueryBatch, predict
@@ -278,7 +280,8 @@ class InContextSegmenter:
                     device: str = "auto", input_size: tuple[int, int] | None = None,
                     match_orientation: bool = True) -> "InContextSegmenter":
         """Load a saved bank (from `save` or `hbfungi build-memory`) with the backbone, weights and feature
-        options it records unless given; a bank built with other features is refused (BankMismatchError)."""
+        options it records unless given, and the feature transform it records (`save`); a bank built with other
+        features is refused (BankMismatchError)."""
         timings: dict[str, float] = {}
         manifest = read_manifest(Path(path))
         record = build_record(manifest)
@@ -300,6 +303,12 @@ class InContextSegmenter:
             load_support(extractor, Path(path))
         with timed(timings, "load_memory_s"):
             bank = MemoryBank.load(path, expect_features=extractor.manifest())
+            if "transform" in manifest:
+                bank, extractor = transformed(bank, extractor, read_transform(Path(path), manifest["transform"],
+                                                                              str(path)))
+        if "transform" not in manifest and (Path(path) / "transforms").is_dir():
+            log.warning("memory bank %s holds feature transforms for benchmark runs (%s) but records none for "
+                        "queries: segmenting with its raw features", path, Path(path) / "transforms")
         log.info("loaded memory bank %s: %d rows, %d classes", path, bank.count, bank.num_classes)
         normalize = record.get("normalize") or manifest.get("data", {}).get("normalize", "imagenet")
         return cls(extractor, bank, tuple(input_size or manifest["input_size"]), normalize=normalize,
@@ -307,8 +316,14 @@ class InContextSegmenter:
                    timings=timings)
 
     def save(self, path: str | Path) -> Path:
-        """Save the memory bank (with what built it, and a FUNGI support set) for `from_memory`."""
-        return self.bank.save(path, extra=self.extractor.support_arrays())
+        """Save the memory bank (its raw rows, with what built it, a FUNGI support set and the feature transform:
+        its recipe in the manifest, its arrays beside the shards) for `from_memory`."""
+        manifest = {key: value for key, value in self.bank.manifest.items() if key != "transform"}
+        extra = self.extractor.support_arrays()
+        if isinstance(self.extractor, TransformedFeatures):
+            manifest["transform"] = self.extractor.transform.recipe
+            extra = {**extra, **self.extractor.transform.arrays()}
+        return replace(self.bank, manifest=manifest).save(path, extra=extra)
 
     # ----------------------------------------------------------------- facts
 
