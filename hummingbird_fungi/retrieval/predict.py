@@ -62,9 +62,12 @@ def predict(batches: Iterable[QueryBatch], transfer: LabelTransfer,
         features = features.detach()
         keys = batch.keys if batch.keys is not None else range(len(batch.sizes))
         keep = finite_rows(features, [f"query {key}" for key in keys], "query feature", non_finite)  # (B, N)
-        features = features.masked_fill(~keep[..., None], 0.0)
-        voted = {s: p.masked_fill(~keep[..., None].to(p.device), 0.0)
-                 for s, p in transfer.vote_settings(features, settings, extra).items()}  # {setting: (B, N, C)}
+        dropped = not bool(keep.all())
+        if dropped:
+            features = features.masked_fill(~keep[..., None], 0.0)
+        voted = transfer.vote_settings(features, settings, extra)  # {setting: (B, N, C)}
+        if dropped:
+            voted = {s: p.masked_fill(~keep[..., None].to(p.device), 0.0) for s, p in voted.items()}
         for i, size in enumerate(batch.sizes):
             masks = {s: upsample_argmax(patch_probs_to_map(p[i], batch.grid), tuple(size), class_chunk)
                      for s, p in voted.items()}

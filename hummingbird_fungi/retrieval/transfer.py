@@ -31,11 +31,6 @@ def cosine_similarities(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor
     return torch.einsum("nd,nkd->nk", F.normalize(query.float(), dim=-1), F.normalize(keys.float(), dim=-1))
 
 
-def attention_weights(query: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Softmax over cosine similarities / temperature: (n, D), (n, k, D) -> (n, k)."""
-    return torch.softmax(cosine_similarities(query, keys) / temperature, dim=-1)
-
-
 def aggregate_labels(weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Weighted sum of neighbour soft labels: (n, k), (n, k, C) -> (n, C)."""
     return torch.einsum("nk,nkc->nc", weights, labels)
