@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "hbird_evaluation": "hummingbird_fungi.eval.hbird",
+    "davis_evaluation": "hummingbird_fungi.eval.davis",
     "evaluate": "hummingbird_fungi.eval.hbird",
     "Encoder": "hummingbird_fungi.models.encoders",
     "create_encoder": "hummingbird_fungi.models.factory",

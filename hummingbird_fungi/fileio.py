@@ -69,6 +69,12 @@ def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
         np.save(handle, array)
 
 
+def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> None:
+    """np.savez_compressed of named arrays through a temporary file and a rename."""
+    with atomic_write(path) as handle:
+        np.savez_compressed(handle, **arrays)
+
+
 def remove_temp_files(folder: Path) -> list[Path]:
     """Delete the temporary files a killed writer left in `folder` (only safe while holding its lock)."""
     stale = [p for p in folder.glob(f".*{TEMP_MARK}*") if p.is_file()]

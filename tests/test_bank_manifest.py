@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hummingbird_fungi.config.schema import FeatureOptions
 from hummingbird_fungi.cli.main import main
 from hummingbird_fungi.errors import DataError
 from hummingbird_fungi.memory.bank import MemoryBank, manifest_json, read_manifest
@@ -28,7 +29,7 @@ def saved(tmp_path_factory) -> tuple[Path, Path]:
     segmenter = InContextSegmenter.from_examples(
         images, [examples / "masks" / p.name for p in images], backbone="vit_tiny_patch16_224", pretrained=False,
         backbone_kwargs=TINY, input_size=(64, 96), device="cpu", class_names=["left", "right", "band"],
-        palette=PALETTE)
+        palette=PALETTE, features=FeatureOptions())  # raw embeddings: 192 columns
     return segmenter.save(root / "bank"), queries
 
 

@@ -78,8 +78,23 @@ def test_whitened_rows_have_identity_covariance_and_epsilon_shrinks_the_scale():
     damped = FeatureTransform.fit(x, TransformOptions(pca=True, epsilon=0.5), seed=0)
     np.testing.assert_allclose(damped.pca.scale.numpy(), 1 / np.sqrt(values + 0.5), rtol=1e-10)
     same_up_to_signs(damped.pca(x).numpy(), numpy_pca(x.numpy(), 6, epsilon=0.5)(x.numpy()), atol=1e-10)
-    assert damped.recipe == {"pca": True, "dims": None, "whiten": True, "epsilon": 0.5, "fit_rows": 200000, "seed": 0,
-                             "fitted_rows": 2000, "input_dim": 6, "dim": 6}
+    assert damped.recipe == {"pca": True, "dims": None, "whiten": True, "epsilon": 0.5, "shrinkage": "none",
+                             "fit_rows": 200000, "min_rows_per_dim": None, "seed": 0, "fitted_rows": 2000,
+                             "input_dim": 6, "dim": 6}
+
+
+@pytest.mark.parametrize("rows", [40, 2000])
+def test_ledoit_wolf_whitening_is_sklearns_shrunk_covariance(rows):
+    """Few rows of many dimensions (40 of 6 here; one example image's 768 patches of 384) give eigenvalues too small
+    to whiten by; shrinkage scales by sklearn's Ledoit-Wolf covariance instead (biased there: times n / (n - 1))."""
+    from sklearn.covariance import LedoitWolf
+
+    x = correlated()[:rows]
+    shrunk = FeatureTransform.fit(torch.from_numpy(x), TransformOptions(pca=True, shrinkage="ledoit_wolf"), seed=0)
+    values = np.linalg.eigvalsh(LedoitWolf().fit(x).covariance_)[::-1] * rows / (rows - 1)
+    np.testing.assert_allclose(shrunk.pca.scale.numpy(), 1 / np.sqrt(values), rtol=1e-8)
+    plain = FeatureTransform.fit(torch.from_numpy(x), TransformOptions(pca=True), seed=0)
+    assert (shrunk.pca.scale <= plain.pca.scale.max()).all() and shrunk.pca.scale[-1] < plain.pca.scale[-1]
 
 
 def test_axes_are_limited_to_what_the_rows_span_and_dims_are_checked(caplog):
@@ -234,7 +249,7 @@ def test_segment_whiten_flags(toy_dataset, tmp_path, capsys):
     assert main(["segment", "--memory", str(bank), "--images", str(images), "--out", str(second), "--whiten"]) == 2
     assert "--whiten applies to a bank built from --examples" in capsys.readouterr().err
     assert main(["segment", "--examples", str(toy_dataset), "--images", str(images), "--out", str(second),
-                 "--whiten-dims", "8", *SEGMENT]) == 2
+                 "--no-whiten", "--whiten-dims", "8", *SEGMENT]) == 2
     assert "--whiten-dims 8 needs --whiten" in capsys.readouterr().err
 
 
@@ -245,3 +260,18 @@ def test_config_show_lists_the_transform_keys(capsys):
     for line in ("features.transform.pca: true", "features.transform.dims: 64", "features.transform.whiten: true",
                  "features.transform.epsilon: 0.0", "features.transform.fit_rows: 200000"):
         assert line in shown
+
+
+def test_too_few_memory_rows_per_dimension_leave_the_features_raw(toy_dataset, caplog):
+    """min_rows_per_dim (the user default: 10) skips whitening when the examples' rows are too few for their width:
+    6 toy images x 16 patches = 96 rows of 192 features; a bound of 0.5 per feature lets it fit."""
+    images, masks = toy_files(toy_dataset, "train")
+    common = dict(backbone="vit_tiny_patch16_224", pretrained=False, input_size=(64, 64), num_classes=3,
+                  ignore_index=3, device="cpu")
+    raw = InContextSegmenter.from_examples(images, masks, **common, features=FeatureOptions(
+        transform=TransformOptions(pca=True, min_rows_per_dim=10)))
+    assert not isinstance(raw.extractor, TransformedFeatures) and raw.bank.dim == 192
+    assert "96 memory rows of 192 features are fewer than features.transform.min_rows_per_dim=10" in caplog.text
+    fitted = InContextSegmenter.from_examples(images, masks, **common, features=FeatureOptions(
+        transform=TransformOptions(pca=True, min_rows_per_dim=0.5)))
+    assert isinstance(fitted.extractor, TransformedFeatures)

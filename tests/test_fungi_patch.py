@@ -16,7 +16,6 @@ from hummingbird_fungi.features.fungi_patch import (
     FungiPatchFeatures,
     gather_negatives,
     keep_mask,
-    other_image_neighbours,
 )
 from hummingbird_fungi.features.gradients import forward_with_capture
 from hummingbird_fungi.features.losses import info_nce
@@ -305,13 +304,6 @@ def test_support_negatives(backbone, images, negatives) -> None:
     plain = FungiPatchFeatures(backbone)(images)
     assert not torch.allclose(out, plain)  # the negatives do reach the gradients
     assert F.cosine_similarity(out, plain, dim=-1).min() > 0.5
-
-
-def test_other_image_neighbours_by_hand() -> None:
-    ids = torch.tensor([[[4, 0, 5, 1, 2]], [[0, 1, 2, 3, 4]]])  # (B=2, T=1, K'=5), best first
-    row_images = torch.tensor([0, 0, 1, 1, 2, 2])
-    got = other_image_neighbours(ids, row_images, torch.tensor([2, 0]), 2)
-    assert got.tolist() == [[[0, 1]], [[2, 3]]]  # image 2 drops rows 4, 5; image 0 drops rows 0, 1
 
 
 def test_support_negatives_skip_the_query_image(backbone, monkeypatch) -> None:

@@ -119,7 +119,7 @@ def test_native_api_cli_and_segmenter_agree(toy_dataset, tmp_path):
     segmenter = InContextSegmenter.from_examples(train, masks[0], backbone=encoder.model, input_size=(64, 64),
                                                  num_classes=3, ignore_index=3, class_names=["sky", "road", "car"],
                                                  retrieval=RetrievalOptions(k=5),
-                                                 transfer=TransferOptions(temperature=0.1),
+                                                 transfer=TransferOptions(temperature=0.1), features=FeatureOptions(),
                                                  data=DataOptions(normalize="imagenet", batch_size=3), device="cpu")
     seg = segmenter.evaluate(val, masks[1], batch_size=3)
 

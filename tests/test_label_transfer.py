@@ -6,7 +6,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import pytest
+
+from hummingbird_fungi.config.schema import TransferOptions
+from hummingbird_fungi.errors import ConfigError
 from hummingbird_fungi.memory.bank import MemoryBank
+from hummingbird_fungi.retrieval.indexes import TorchIndex
 from hummingbird_fungi.retrieval.predict import QueryBatch, predict
 from hummingbird_fungi.retrieval.transfer import LabelTransfer, patch_probs_to_map, upsample_argmax
 from optional_packages import requires_faiss
@@ -66,6 +71,9 @@ class CountingIndex:
     def search(self, q, k):
         self.calls.append(k)
         return self.index.search(q, k)
+
+    def __getattr__(self, name):
+        return getattr(self.index, name)
 
 
 SETTINGS = [(3, 0.05), (10, 0.1), (1, 1.0), (10, 0.02)]
@@ -184,6 +192,8 @@ def test_upsample_ties_go_to_lowest_class():
 class StubIndex:
     """An index answering fixed neighbours (approximate order, a missing -1)."""
 
+    exact_scores = False
+
     def __init__(self, ids):
         self.ids = torch.tensor(ids)
 
@@ -232,3 +242,80 @@ def test_rescoring_in_chunks_equals_one_pass(monkeypatch):
     whole = transfer(queries)
     monkeypatch.setattr("hummingbird_fungi.retrieval.transfer.GATHER_ELEMENTS", 50 * 8 * 3)  # 3 queries per step
     torch.testing.assert_close(transfer(queries), whole, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ transfer.rescore
+
+
+def fp16_bank(rows: int = 400, dim: int = 16, classes: int = 5, seed: int = 8) -> MemoryBank:
+    """Unit rows rounded to float16 (norms off 1 by ~1e-4, as a real bank's) and float16 soft labels."""
+    feats, labels = random_bank(rows, dim, classes, seed)
+    return MemoryBank.from_arrays(feats, labels, {})
+
+
+def no_gather(*args):
+    raise AssertionError("rescore=auto on an exact index must not read bank rows back")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("faiss", marks=requires_faiss)])
+def test_auto_rescore_on_exact_backends_equals_always_without_reading_rows(backend, monkeypatch):
+    """rescore=auto on an exact index divides its inner products by the query and row norms: the cosines the
+    reference re-gathers (float16 rows, non-unit queries, a zero row), without touching the bank's rows."""
+    bank = fp16_bank()
+    queries = 3 * torch.randn(2, 50, 16, generator=torch.Generator().manual_seed(9))
+    always = LabelTransfer.from_bank(bank, backend, k=30, temperature=0.02, rescore="always")
+    auto = LabelTransfer.from_bank(bank, backend, k=30, temperature=0.02)
+    assert auto.rescore == "auto" and auto.index.exact_scores and not auto.regathers and always.regathers
+    want = always.vote_settings(queries, SETTINGS)
+    monkeypatch.setattr(bank, "gather_features", no_gather)
+    got = auto.vote_settings(queries, SETTINGS)
+    for setting in SETTINGS:
+        torch.testing.assert_close(got[setting], want[setting], atol=2e-6, rtol=0)
+        assert torch.equal(got[setting].argmax(-1), want[setting].argmax(-1))
+
+
+def test_auto_rescore_reads_rows_back_when_the_index_holds_lower_precision(monkeypatch):
+    """An exact index storing rows below their added precision (torch on CUDA: float16) is re-scored from the
+    bank under auto; rescore=never keeps the index's raw inner products."""
+    monkeypatch.setattr(TorchIndex, "storage_itemsize", lambda self: 2)
+    feats, labels = random_bank()
+    bank = MemoryBank.from_arrays(feats.astype(np.float32), labels, {})
+    transfer = LabelTransfer.from_bank(bank, "torch", k=5)
+    assert not transfer.index.exact_scores and transfer.regathers
+    never = LabelTransfer.from_bank(bank, "torch", k=5, rescore="never")
+    query = 2 * torch.from_numpy(feats[:3].astype(np.float32))
+    sims, ids = never.neighbours(query)
+    torch.testing.assert_close(sims, (query[:, None] * torch.from_numpy(feats[ids.numpy()]).float()).sum(-1))
+
+
+@requires_faiss
+def test_auto_rescore_reads_rows_back_for_approximate_backends():
+    transfer = LabelTransfer.from_bank(fp16_bank(), "faiss_hnsw", k=5)
+    assert not transfer.index.exact_scores and transfer.regathers
+
+
+def test_rescore_accepts_the_former_booleans_and_names_bad_values():
+    assert TransferOptions().rescore == "auto"
+    assert TransferOptions(rescore=True).rescore == "always" and TransferOptions(rescore=False).rescore == "never"
+    assert TransferOptions.from_mapping({"rescore": "never"}).rescore == "never"
+    with pytest.raises(ConfigError, match="transfer.rescore='sometimes'"):
+        TransferOptions(rescore="sometimes")
+    bank = fp16_bank()
+    with pytest.raises(ConfigError, match="transfer.rescore='sometimes'"):
+        LabelTransfer.from_bank(bank, "torch", rescore="sometimes")
+    assert LabelTransfer.from_bank(bank, "torch", rescore=False).rescore == "never"
+
+
+def test_votes_in_query_steps_equal_one_pass(monkeypatch):
+    """vote_settings in steps of a few queries (memory flat in the number of queries) equals one pass (up to the
+    matmul's summation order)."""
+    bank = fp16_bank()
+    transfer = LabelTransfer.from_bank(bank, "torch", k=10, temperature=0.1)
+    transfer.index = CountingIndex(transfer.index)
+    queries = torch.randn(3, 20, 16, generator=torch.Generator().manual_seed(10))
+    whole = transfer.vote_settings(queries, SETTINGS)
+    monkeypatch.setattr("hummingbird_fungi.retrieval.transfer.VOTE_ELEMENTS", 7 * 10 * 5)  # 7 queries a step
+    steps = transfer.vote_settings(queries, SETTINGS)
+    assert transfer.index.calls == [10] + [10] * 9
+    for setting in SETTINGS:
+        torch.testing.assert_close(steps[setting], whole[setting], atol=1e-6, rtol=0)

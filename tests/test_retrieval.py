@@ -197,8 +197,27 @@ def test_scann_missing_raises_install_hint(monkeypatch):
         build_index("scann", DIM)
 
 
+@pytest.mark.parametrize("backend", ["torch", faiss_param("faiss")])
+def test_exact_backends_keep_row_norms_and_say_their_scores_are_exact(data, backend):
+    memory = data[0] * np.linspace(0.5, 2, len(data[0]), dtype=np.float32)[:, None]
+    index = build_index(backend, DIM)
+    add_in_blocks(index, memory.astype(np.float16), [1000, 2000])
+    assert index.exact_scores
+    np.testing.assert_allclose(index.row_norms().numpy(),
+                               np.linalg.norm(memory.astype(np.float16).astype(np.float32), axis=1), rtol=1e-6)
+
+
+def test_exact_picks_faiss_when_installed_else_torch(monkeypatch):
+    """`exact` (the default backend) is faiss's flat index on CPU when faiss imports, torch otherwise."""
+    if HAS_FAISS:
+        assert build_index("exact", DIM, device="cpu").name == "faiss"
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    index = build_index("exact", DIM, device="cpu")
+    assert index.name == "torch" and index.options()["query_chunk"] == 1024
+
+
 def test_registry_and_config_errors():
-    assert {"torch", "faiss", "faiss_ivfpq", "faiss_hnsw", "scann"} <= set(BACKENDS.names())
+    assert {"exact", "torch", "faiss", "faiss_ivfpq", "faiss_hnsw", "scann"} <= set(BACKENDS.names())
     with pytest.raises(ConfigError, match="nope.*faiss.*torch"):
         build_index("nope", DIM)
     with pytest.raises(ConfigError, match="'torch'.*memory_chunk"):

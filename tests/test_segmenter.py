@@ -48,12 +48,13 @@ def segmenter(examples) -> InContextSegmenter:
     images = sorted((examples / "images").iterdir())
     masks = [examples / "masks" / p.name for p in images]
     return InContextSegmenter.from_examples(images, masks, backbone="vit_tiny_patch16_224", pretrained=False,
-                                            backbone_kwargs=TINY, input_size=INPUT, device="cpu", retrieval=RetrievalOptions(k=10))
+                                            backbone_kwargs=TINY, input_size=INPUT, device="cpu", retrieval=RetrievalOptions(k=10),
+                                            features=FeatureOptions())  # raw embeddings of the random net
 
 
 CLI_MODEL = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--backbone-option", "depth=2",
              "--backbone-option", "patch_size=8", "--input-size", f"{INPUT[0]}x{INPUT[1]}", "--device", "cpu",
-             "--k", "10"]
+             "--k", "10", "--features", "embeddings", "--no-whiten"]
 
 
 def test_toy_scene_segmented_right(segmenter):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from hummingbird_fungi.cli.main import main
-from hummingbird_fungi.eval.metrics import foreground_confusion, jaccard
+from hummingbird_fungi.eval.metrics import contour_accuracy, foreground_confusion, jaccard
 
 FRAMES, SIZE, SIDE, STEP = 8, 64, 20, 3
 # a randomly initialised tiny ViT at patch 8, as the demo uses, on frames upsampled to 128x128 (a 16x16 grid,
@@ -19,7 +19,8 @@ FRAMES, SIZE, SIDE, STEP = 8, 64, 20, 3
 # IoU ~0.8. Measured: J 0.88-0.97 per frame, with and without propagation (0.71-0.76 at 64x64, where a
 # band is 8 px). BOUND = 0.75 asks that at most about one edge band per frame be wrong.
 MODEL = ["--backbone", "vit_tiny_patch16_224", "--random-init", "--backbone-option", "patch_size=8",
-         "--backbone-option", "depth=4", "--input-size", "128x128", "--device", "cpu", "--k", "10"]
+         "--backbone-option", "depth=4", "--input-size", "128x128", "--device", "cpu", "--k", "10",
+         "--features", "embeddings", "--no-whiten"]  # raw embeddings: the random net's pixel map, not a user default
 BOUND = 0.75
 RED, GREEN = np.array([200, 30, 40]), np.array([30, 200, 40])
 VOID = 255
@@ -107,8 +108,8 @@ def test_propagation_tracks_a_square_whose_colour_drifts(tmp_path):
 
 
 def test_summary_scores_the_masks_not_in_memory_without_their_void_pixels(tmp_path):
-    """J of each frame not in memory, against masks whose square edges are void: void pixels count neither as
-    foreground nor as background."""
+    """DAVIS J and F of each frame not in memory, against masks whose square edges are void: void pixels count
+    neither as foreground nor as background (J) and are cleared before the boundaries are drawn (F)."""
     frames, masks = write_clip(tmp_path, annotated=FRAMES, void=True)
     out = tmp_path / "out"
     assert main(["video", "--frames", str(frames), "--masks", str(masks), "--out", str(out), "--annotate", "first",
@@ -116,17 +117,21 @@ def test_summary_scores_the_masks_not_in_memory_without_their_void_pixels(tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     records = summary["video"]["frames"]
     assert [r["annotated"] for r in records] == [True] + [False] * (FRAMES - 1)
-    expected, with_void = [], []
+    assert summary["protocol"] == "first" and summary["protocol_options"]["propagate"] == 2
+    expected, with_void, contours = [], [], []
     for i in range(1, FRAMES):
         written, truth = np.asarray(Image.open(out / "masks" / f"{i:05d}.png")) != 0, square_mask(i, void=True)
         scored = truth != VOID
         expected.append(iou(written & scored, (truth == 1) & scored))
         with_void.append(iou(written, truth != 0))  # void taken for foreground, as `gt != 0` alone would
-    assert [r["j"] for r in records[1:]] == pytest.approx(expected)
+        contours.append(contour_accuracy(written & scored, (truth == 1) & scored))
+    assert [r["j"]["1"] for r in records[1:]] == pytest.approx(expected)
+    assert [r["f"]["1"] for r in records[1:]] == pytest.approx(contours)
     assert summary["j_mean"] == pytest.approx(np.mean(expected)) and summary["j_mean"] > BOUND
-    assert all(abs(a - b) > 1e-3 for a, b in zip(expected, with_void))  # the void band changes every J
-    assert sum(records[1]["confusion"], []) == [int(n) for n in foreground_confusion(
-        np.asarray(Image.open(out / "masks" / "00001.png")), square_mask(1, void=True), VOID).ravel()]
+    assert summary["jf_mean"] == pytest.approx((np.mean(expected) + np.mean(contours)) / 2)
+    assert summary["video"]["j_recall"] == np.mean(np.array(expected) > 0.5)
+    assert any(abs(a - b) > 1e-3 for a, b in zip(expected, with_void))  # the void band changes J
+    assert summary["video"]["frames_per_s"] > 0
 
 
 def test_jaccard_by_hand_with_void_pixels_and_empty_masks():
@@ -196,3 +201,21 @@ def test_a_frame_that_fails_while_segmenting_is_listed_and_the_clip_finishes(tmp
     assert [failure["file"] for failure in video["failed"]] == [str(broken)]
     assert video["num_segmented"] == FRAMES - 1 and len(video["frames"]) == FRAMES - 1
     assert sorted(p.stem for p in (out / "masks").iterdir()) == [f"{i:05d}" for i in range(FRAMES) if i != 4]
+
+
+def test_whitening_fitted_on_the_clip(tmp_path, capsys):
+    """`--whiten-on clip` fits the whitening on every frame's patches (8 frames x a 16x16 grid), not on the
+    annotated frame's 256, and the square is still found; without whitening the flag is refused before the
+    model loads."""
+    frames, masks = write_clip(tmp_path)
+    base = ["video", "--frames", str(frames), "--masks", str(masks), *MODEL, "--whiten-dims", "16"]
+    runs = {}
+    for where in ("examples", "clip"):
+        out = tmp_path / where
+        assert main([*base, "--out", str(out), "--whiten", "--whiten-on", where]) == 0
+        runs[where] = json.loads((out / "summary.json").read_text())
+        assert min(frame_scores(out)) > BOUND
+    fitted = {where: run["segmenter"]["features"]["transform"]["fitted_rows"] for where, run in runs.items()}
+    assert fitted == {"examples": 256, "clip": FRAMES * 256} and runs["clip"]["whiten_on"] == "clip"
+    assert main([*base, "--out", str(tmp_path / "refused"), "--no-whiten", "--whiten-on", "clip"]) == 2
+    assert "--whiten-on clip" in capsys.readouterr().err and not (tmp_path / "refused").exists()

@@ -17,11 +17,14 @@ tail after the gradient layer), negatives (support search, gather, head), loss_b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -49,11 +52,42 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--support-images", type=int, default=16,
                         help="images whose patch embeddings form the support set of the negatives variant")
     parser.add_argument("--select", type=int, default=32, help="patches per image for the _select variant")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
-                        help="wall time, or this process's CPU time (robust to other load with --threads 1)")
+    add_clock_arguments(parser, default_clock="wall")
     parser.add_argument("--device", default="cpu")
     return parser.parse_args()
+
+
+def add_clock_arguments(parser: argparse.ArgumentParser, default_clock: str) -> None:
+    """--threads and --clock, shared by the bench tools."""
+    parser.add_argument("--threads", type=int, default=None, help="torch (and faiss) threads; default: all")
+    parser.add_argument("--clock", choices=("wall", "process"), default=default_clock,
+                        help="wall time, or this process's CPU time (robust to other load with --threads 1)")
+
+
+def package_clock(clock: str) -> contextlib.AbstractContextManager:
+    """While active, timers reading `time.perf_counter` (the package's `runtime.timed` among them) read this
+    process's CPU time with clock 'process'; wall time otherwise."""
+    return mock.patch("time.perf_counter", time.process_time) if clock == "process" else contextlib.nullcontext()
+
+
+def emit_json(result: Any, path: Path | None) -> None:
+    """Print `result` as indented JSON, and write it to `path` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path is not None:
+        path.write_text(text)
+
+
+def set_threads(threads: int | None) -> None:
+    """Use `threads` torch and faiss (when installed) threads; None leaves the defaults."""
+    if not threads:
+        return
+    torch.set_num_threads(threads)
+    try:
+        import faiss
+    except ImportError:
+        return
+    faiss.omp_set_num_threads(threads)
 
 
 def load_images(count: int, height: int, width: int, images_dir: str | None, seed: int) -> torch.Tensor:
@@ -163,8 +197,7 @@ def main() -> None:
     """Time the variants and print one JSON object."""
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device(args.device)
     encoder = load_backbone(args.backbone, weights=args.weights, pretrained=args.weights is None, device=device)
     print(json.dumps(benchmark(encoder, args, device), indent=2))

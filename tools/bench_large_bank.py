@@ -112,8 +112,13 @@ class MemoryMonitor:
     def report(self) -> dict[str, float]:
         """Peaks in GiB, plus the kernel's maximum resident set size."""
         out = {f"peak_{field}_gib": round(value, 3) for field, value in self.peaks.items()}
-        out["ru_maxrss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+        out["ru_maxrss_gib"] = peak_rss_gib()
         return out
+
+
+def peak_rss_gib() -> float:
+    """The kernel's maximum resident set size of this process so far (GiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
 # --------------------------------------------------------------------------- synthetic bank

@@ -1,13 +1,11 @@
-"""Run `hbfungi video` on every sequence of a DAVIS-2016 layout and print per-sequence J (first-frame protocol).
+"""Compare feature kinds and video protocols on a DAVIS folder: one `hbfungi video --davis` run per feature kind
+(its protocols share one feature extraction per sequence), then one table of J&F, J and F per sequence.
 
-Each sequence is one `hbfungi video --annotate first` call (the first frame's mask is the memory, the
-others are scored); a sequence whose summary.json already holds the same settings is read, not rerun.
-Prints a table (J per sequence, mean, seconds per predicted frame) per setting and writes it as JSON.
+A kind whose `<out>/<kind>/summary.json` already holds the asked protocols is read, not rerun.
 
-    python tools/davis_video.py --davis ../shared/assets/davis2016 --weights dinov2_vits14_imgfocus.pth \
-        --out runs/davis_video --features embeddings --features fungi --propagate 0 --propagate 7 --radius 4
-
-DINOv2 ViT-S/14 (the `hbfungi video` default backbone); --layer names another FUNGI gradient layer.
+    python tools/davis_video.py --davis ../shared/assets/davis2016 --out runs/davis \
+        --features embeddings --features fungi --protocol first dino -- \
+        --weights dinov2_vits14_imgfocus.pth --resolution 480 --device cpu
 """
 
 from __future__ import annotations
@@ -19,78 +17,46 @@ from typing import Any
 
 from hummingbird_fungi.cli.main import main as hbfungi
 from hummingbird_fungi.fileio import write_json
-from hummingbird_fungi.models.encoders import VIT_PATCH_LAYER
 
 
-def setting_name(features: str, propagate: int, radius: int | None, layer: str | None) -> str:
-    """Folder name of one setting, e.g. 'fungi_p7_r4' or 'fungi-blocks.-1.attn.proj_p0'."""
-    kind = features if layer is None or features != "fungi" else f"{features}-{layer}"
-    return f"{kind}_p{propagate}" + ("" if radius is None or not propagate else f"_r{radius}")
-
-
-def reusable(summary: dict, features: str, propagate: int, radius: int | None, layer: str) -> bool:
-    """Whether a finished run has these settings (FUNGI: the same gradient layer)."""
-    described = summary["segmenter"]["features"]
-    return (summary["propagate"] == propagate and summary["radius"] == (radius if propagate else None)
-            and described["kind"] == features and (features != "fungi" or described["options"]["layer"] == layer))
-
-
-def run_sequence(frames: Path, masks: Path, out: Path, weights: Path, features: str, propagate: int,
-                 radius: int | None, layer: str | None, extra: list[str]) -> dict[str, Any]:
-    """The summary of one `hbfungi video` run, reusing a finished run of the same settings."""
+def run_kind(davis: Path, out: Path, features: str, protocols: list[str], extra: list[str]) -> dict[str, Any]:
+    """The summary of `hbfungi video --davis` with one feature kind, reusing a finished run of these protocols."""
     summary_path = out / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        if reusable(summary, features, propagate, radius, layer or VIT_PATCH_LAYER):
+        if list(summary["protocols"]) == protocols and summary["segmenter"]["features"]["kind"] == features:
             return summary
-    argv = ["video", "--frames", str(frames), "--masks", str(masks), "--out", str(out), "--annotate", "first",
-            "--weights", str(weights), "--features", features, "--num-classes", "2", "--ignore-index", "255",
-            "--class-names", "background,object", "--propagate", str(propagate), *extra]
-    if layer is not None and features == "fungi":
-        argv += ["--feature-option", f"layer={layer}"]
-    if propagate and radius is not None:
-        argv += ["--radius", str(radius)]
+    argv = ["video", "--davis", str(davis), "--out", str(out), "--protocol", *protocols, "--features", features,
+            *extra]
     if hbfungi(argv) != 0:
-        raise SystemExit(f"hbfungi video failed on {frames}")
+        raise SystemExit(f"hbfungi video --davis failed for {features} features")
     return json.loads(summary_path.read_text())
 
 
 def main() -> None:
-    """Every (features, propagate) setting on every sequence; one table per setting."""
+    """Every feature kind with every protocol; one table (J&F / J / F in %, frames per second)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--davis", type=Path, required=True, help="folder with JPEGImages/ and Annotations/")
-    parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument("--davis", type=Path, required=True, help="DAVIS folder (JPEGImages/, Annotations/)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--features", action="append", choices=("embeddings", "fungi"))
-    parser.add_argument("--propagate", action="append", type=int)
-    parser.add_argument("--radius", type=int, default=None)
-    parser.add_argument("--layer", help="FUNGI gradient layer (default: the backbone's patch layer)")
-    parser.add_argument("--sequence", action="append", help="default: every sequence")
+    parser.add_argument("--protocol", nargs="+", default=["first", "dino"])
     parser.add_argument("extra", nargs="*", help="further `hbfungi video` flags, after --")
     args = parser.parse_args()
-    sequences = args.sequence or sorted(p.name for p in (args.davis / "JPEGImages").iterdir() if p.is_dir())
-    table: dict[str, Any] = {}
+    columns: dict[str, dict[str, Any]] = {}
     for features in args.features or ["embeddings"]:
-        for propagate in args.propagate or [0]:
-            name = setting_name(features, propagate, args.radius, args.layer)
-            rows = {}
-            for sequence in sequences:
-                summary = run_sequence(args.davis / "JPEGImages" / sequence, args.davis / "Annotations" / sequence,
-                                       args.out / name / sequence, args.weights, features, propagate, args.radius,
-                                       args.layer, args.extra)
-                video = summary["video"]
-                rows[sequence] = {"j": video["j_mean"], "frames": video["num_scored"],
-                                  "s_per_frame": video["seconds_per_predicted_frame"]}
-            mean_j = sum(row["j"] for row in rows.values()) / len(rows)
-            table[name] = {"sequences": rows, "mean_j": mean_j}
-            write_json(args.out / "table.json", table)
-    names = list(table)
-    width = max(len(name) for name in names) + 2
-    print(f"{'sequence':20s}" + "".join(f"{name:>{width}s}" for name in names))
-    for sequence in sequences:
-        cells = [table[n]["sequences"][sequence] for n in names]
-        print(f"{sequence:20s}" + "".join(f"{100 * c['j']:>{width - 8}.1f} ({c['s_per_frame']:.2f}s)" for c in cells))
-    print(f"{'mean J':20s}" + "".join(f"{100 * table[n]['mean_j']:>{width - 8}.1f}        " for n in names))
+        summary = run_kind(args.davis, args.out / features, features, args.protocol, args.extra)
+        for name, protocol in summary["protocols"].items():
+            columns[f"{features}/{name}"] = {**protocol["sequences"], "mean": protocol["mean"]}
+    write_json(args.out / "table.json", columns)
+    names = list(columns)
+    print("| sequence | " + " | ".join(f"{name} J&F / J / F (fps)" for name in names) + " |")
+    print("|---|" + "---|" * len(names))
+    for sequence in columns[names[0]]:
+        cells = [columns[name][sequence] for name in names]
+        print(f"| {sequence} | " + " | ".join(
+            f"{100 * c['jf_mean']:.1f} / {100 * c['j_mean']:.1f} / {100 * c['f_mean']:.1f} ({c['frames_per_s']:.2f})"
+            for c in cells) + " |")
+
 
 if __name__ == "__main__":
     main()

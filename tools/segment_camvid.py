@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hummingbird_fungi.fileio import write_json
 from hummingbird_fungi.segment.folders import list_images, segment_folder, segmenter_from_folder, sweep_and_plot
-from hummingbird_fungi.segment.segmenter import SEGMENT_DATA, SEGMENT_FEATURES, SEGMENT_MEMORY
+from hummingbird_fungi.segment.defaults import SEGMENT_DATA, SEGMENT_FEATURES, SEGMENT_KIND, SEGMENT_MEMORY
 
 log = logging.getLogger("segment_camvid")
 
@@ -33,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backbone", default="dinov2_vits14")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--num-examples", type=int, default=20)
-    parser.add_argument("--features", default="embeddings", choices=("embeddings", "fungi"))
+    parser.add_argument("--features", default=SEGMENT_KIND, choices=("embeddings", "fungi"))
     parser.add_argument("--sweep", default="16,4", help="memory sizes for the plot, as divisors of the full bank")
     parser.add_argument("--batch-size", type=int, default=4)
     return parser.parse_args()

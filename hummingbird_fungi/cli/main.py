@@ -25,18 +25,36 @@ EXAMPLES = {
     "build-memory": "hbfungi build-memory --config ade20k_dino_vitb16_mem1e3 memory.path=banks/ade data.root=ADE",
     "evaluate": "hbfungi evaluate --config ade20k_dino_vitb16_mem1e3 memory.path=banks/ade data.root=ADE",
     "knn": "hbfungi knn --config knn_digits_dinov2_vits14 --out r.json model.weights=w.pth",
+    "tune": "hbfungi tune --config camvid_dinov2_vits14 --out tuned.yaml data.root=camvid model.weights=w.pth",
 }
 
 
 def add_config_args(parser: argparse.ArgumentParser, command: str) -> None:
     """--config, --out, --seed, --device and the trailing overrides of `command`."""
     parser.add_argument("--config", help="a shipped preset by name (see `hbfungi configs`) or a YAML file")
-    parser.add_argument("--out", type=Path, help="results JSON to write")
+    parser.add_argument("--out", type=Path, required=command == "tune",
+                        help="the tuned preset (YAML) to write" if command == "tune" else "results JSON to write")
     parser.add_argument("--seed", type=int, help="seed for every random choice (same as seed=N)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 or auto (same as device=...)")
+    if command == "tune":
+        add_tune_args(parser)
+    if command in ("hbird", "evaluate"):
+        parser.add_argument("--per-image", type=Path, metavar="FILE.npz",
+                            help="also write each eval image's confusion matrix (for `hbfungi compare`)")
     example = "knn.k=10" if command == "knn" else "memory.size=null"
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help=f"dotted overrides, e.g. data.root=DIR model.weights=FILE {example} (every key below)")
+
+
+def add_tune_args(parser: argparse.ArgumentParser) -> None:
+    """The results file of `hbfungi tune` and its grid's keys (tune.* overrides, TuneOptions) in the help."""
+    from hummingbird_fungi.config.schema import TuneOptions
+
+    parser.add_argument("--results", type=Path, metavar="FILE.json", help="also write the whole grid as JSON")
+    rows = TuneOptions().describe("tune.")
+    width = max(len(key) for key, _, _ in rows)
+    parser.epilog = "grid keys (tune.key=value overrides):\n" + "\n".join(
+        f"  {key:<{width}}  {as_yaml(value)}  {doc}" for key, value, doc in rows) + "\n\n" + (parser.epilog or "")
 
 
 def config_from_args(args: argparse.Namespace, schema: type | None = None):  # noqa: ANN201 - a schema instance
@@ -59,9 +77,10 @@ def cmd_hbird(args: argparse.Namespace) -> None:
     """Build (or reuse) the memory bank, then evaluate."""
     from hummingbird_fungi.eval.hbird import run_hbird
 
-    results = run_hbird(config_from_args(args), args.out)
+    check_per_image(args)
+    results = run_hbird(config_from_args(args), args.out, args.per_image)
     print_metrics(results)
-    write_results(results, args.out)
+    write_results(pop_per_image(results, args.per_image), args.out)
 
 
 def cmd_build_memory(args: argparse.Namespace) -> None:
@@ -77,9 +96,72 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     """Evaluate with a saved memory bank."""
     from hummingbird_fungi.eval.hbird import run_evaluate
 
-    results = run_evaluate(config_from_args(args), args.out)
+    check_per_image(args)
+    results = run_evaluate(config_from_args(args), args.out, args.per_image)
     print_metrics(results)
-    write_results(results, args.out)
+    write_results(pop_per_image(results, args.per_image), args.out)
+
+
+def check_per_image(args: argparse.Namespace) -> None:
+    """--per-image and --out name two different files."""
+    if args.per_image is not None and args.out is not None and args.per_image.resolve() == args.out.resolve():
+        raise ConfigError(f"--per-image and --out are the same file {args.out}")
+
+
+def pop_per_image(results: dict, path: Path | None) -> dict:
+    """Write the per-image keys and confusion matrices of `results` to `path` (.npz) and leave its name in their
+    place; results without them are returned as they are."""
+    import numpy as np
+
+    from hummingbird_fungi.distributed import is_main
+    from hummingbird_fungi.fileio import save_npz_atomic
+
+    if "per_image_keys" not in results:
+        return results
+    keys, matrices = results.pop("per_image_keys"), results.pop("per_image_confusions")
+    if is_main():
+        save_npz_atomic(path, keys=np.array(keys), confusions=matrices, miou=np.array(results["miou"]))
+        log.info("per-image confusion matrices written to %s", path)
+    return {**results, "per_image": str(path)}
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    """Tune on held-out memory images, print the table, write the tuned preset."""
+    from hummingbird_fungi.config.loader import overrides_to_dict
+    from hummingbird_fungi.config.schema import TuneOptions
+    from hummingbird_fungi.eval.hbird import check_run_paths
+    from hummingbird_fungi.eval.tune import format_table, tune, write_preset
+    from hummingbird_fungi.fileio import check_no_overlap, preflight
+    from hummingbird_fungi.runtime import versions
+
+    grid = [item for item in args.overrides if item.startswith("tune.")]
+    args.overrides = [item for item in args.overrides if not item.startswith("tune.")]
+    options = TuneOptions.from_mapping(overrides_to_dict(grid).get("tune", {}))
+    config = config_from_args(args)
+    if args.out.exists():
+        raise ConfigError(f"--out {args.out} exists; the tuned preset is never written over a file")
+    preflight({}, {"--results": (args.results, "file")})
+    check_no_overlap({"--out": args.out, "--results": args.results}, {"--config": args.config})
+    check_run_paths(config, args.out)
+    tuning = tune(config, options)
+    print(format_table(tuning))
+    write_preset(args.out, tuning.apply(config), tuning, args.config)
+    print(f"tuned preset written to {args.out} (use it as --config {args.out})")
+    write_results({**tuning.summary(), "options": options.to_dict(), "config": config.to_dict(),
+                   "versions": versions()}, args.results)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    """Paired bootstrap intervals of runs against the first (their --per-image files), printed and written."""
+    from hummingbird_fungi.eval.bootstrap import compare_runs, format_comparison, read_per_image
+
+    runs = {path.stem: read_per_image(path) for path in args.runs}
+    if len(runs) != len(args.runs):
+        raise ConfigError("two --per-image files share a name; give each run its own file name")
+    rows = compare_runs(runs, args.resamples, args.seed, args.level)
+    print(format_comparison(rows, args.level))
+    write_results({"runs": {name: str(path) for name, path in zip(runs, args.runs)}, "rows": rows,
+                   "resamples": args.resamples, "seed": args.seed, "level": args.level}, args.out)
 
 
 def print_names(rows: dict[str, str], indent: str = "") -> None:
@@ -190,6 +272,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "build-memory": (cmd_build_memory, "build a memory bank and save it at memory.path"),
     "evaluate": (cmd_evaluate, "evaluate with the memory bank at memory.path"),
     "knn": (cmd_knn, "image-level kNN classification (embeddings and FUNGI)"),
+    "tune": (cmd_tune, "tune features, transform, k and temperature on held-out memory images; write a preset"),
 }
 
 
@@ -214,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     names.add_argument("what", choices=("datasets", "backends", "objectives", "presets", "features"),
                        help="which names: data.kind, retrieval.backend, the FUNGI objectives, --config, features.kind")
     names.set_defaults(func=cmd_list)
+    comparison = sub.add_parser("compare", help="paired bootstrap intervals of runs against the first",
+                                description="Paired bootstrap intervals (over images) of each run's mIoU against the "
+                                            "first run's, from the files `hbird|evaluate --per-image` wrote.")
+    comparison.add_argument("runs", nargs="+", type=Path, metavar="RUN.npz", help="baseline first, then the others")
+    comparison.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    comparison.add_argument("--seed", type=int, default=0, help="seed of the resamples")
+    comparison.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+    comparison.add_argument("--out", type=Path, help="results JSON to write")
+    comparison.set_defaults(func=cmd_compare)
     config = sub.add_parser("config", help="show a preset merged with overrides",
                             description="Show a configuration: a preset (or YAML file) merged with overrides, "
                                         "validated, every key with its description.")

@@ -13,9 +13,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 from hummingbird_fungi.cli.output import print_metrics, write_results
 from hummingbird_fungi.config.loader import overrides_to_dict, parse_override
-from hummingbird_fungi.config.schema import check_device, parse_size
+from hummingbird_fungi.config.schema import FeatureOptions, check_device, parse_size
 from hummingbird_fungi.config.typed import Check, at_least, positive
 from hummingbird_fungi.errors import ConfigError, DataError
+from hummingbird_fungi.segment import defaults
+from hummingbird_fungi.segment.defaults import (MIN_ROWS_PER_DIM, SEGMENT_DATA, SEGMENT_KIND, SEGMENT_MEMORY,
+                                                SEGMENT_RETRIEVAL, SEGMENT_TRANSFER, SEGMENT_WHITEN)
 
 log = logging.getLogger(__name__)
 
@@ -84,21 +87,27 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-init", action="store_true", help="no pretrained weights (smoke tests only)")
     parser.add_argument("--backbone-option", action="append", metavar="KEY=VALUE", type=backbone_option,
                         help="timm model keyword, e.g. depth=4 (repeatable)")
-    parser.add_argument("--features", choices=("embeddings", "fungi"), default="embeddings",
-                        help="patch features: plain embeddings or FUNGI (default embeddings)")
+    parser.add_argument("--features", choices=("embeddings", "fungi"),
+                        help=f"patch features: plain embeddings or FUNGI (default {SEGMENT_KIND})")
     parser.add_argument("--feature-option", action="append", metavar="KEY=VALUE",
                         help="FUNGI option, e.g. negatives=support (repeatable)")
-    parser.add_argument("--whiten", action="store_true",
-                        help="whiten the features with a PCA fitted on the example patches (features.transform)")
+    parser.add_argument("--whiten", action=argparse.BooleanOptionalAction,
+                        help="whiten the features with a PCA fitted on the example patches (features.transform; "
+                             f"default {'on' if SEGMENT_WHITEN else 'off'} when the examples give at least "
+                             f"{MIN_ROWS_PER_DIM:g} patches per feature; --whiten: whatever their number)")
     parser.add_argument("--whiten-dims", type=checked(int, at_least(1)), metavar="N",
                         help="with --whiten: keep the N axes of largest variance (default: every axis)")
     parser.add_argument("--input-size", type=checked(input_size, positive),
                         help="network input HxW (height first), multiples of the patch (default: long side 448, "
                              "the examples' aspect)")
-    parser.add_argument("--k", type=checked(int, at_least(1)), default=30, help="neighbours per patch (default 30)")
-    parser.add_argument("--temperature", type=checked(float, positive), default=0.02,
-                        help="softmax temperature (default 0.02)")
-    parser.add_argument("--backend", default="torch", help="retrieval backend: torch, faiss, faiss_ivfpq, ...")
+    parser.add_argument("--k", type=checked(int, at_least(1)), help=f"neighbours per patch (default {SEGMENT_RETRIEVAL.k})")
+    parser.add_argument("--temperature", type=checked(float, positive),
+                        help=f"softmax temperature (default {SEGMENT_TRANSFER.temperature:g})")
+    parser.add_argument("--tune", action="store_true",
+                        help="choose features, whitening, k and temperature on the examples (each held out in turn; "
+                             "hbfungi tune's grid) before the bank is built")
+    parser.add_argument("--backend", help="retrieval backend: exact, torch, faiss, faiss_ivfpq, ... (default "
+                                          f"{SEGMENT_RETRIEVAL.backend})")
     parser.add_argument("--memory-size", type=checked(int, at_least(1)),
                         help="memory-bank rows (default: every example patch)")
     parser.add_argument("--augmentation-epochs", type=checked(int, at_least(0)), default=0,
@@ -119,33 +128,48 @@ def add_label_space_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class-names", help="comma-separated class names, id order")
 
 
-def segmenter_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags shared by segment, demo and video as `InContextSegmenter.from_examples` keywords and sections."""
-    from hummingbird_fungi.config.schema import (DataOptions, FeatureOptions, FungiOptions, MemoryOptions,
-                                                 RetrievalOptions, SupportOptions, TransferOptions, TransformOptions)
-    from hummingbird_fungi.segment.segmenter import SEGMENT_DATA, SEGMENT_MEMORY
+def segmenter_options(args: argparse.Namespace, features: FeatureOptions | None = None) -> dict[str, Any]:
+    """The flags shared by segment, demo and video as `InContextSegmenter.from_examples` keywords and sections;
+    `features` holds the command's defaults of what the flags leave out (kind, whitening; SEGMENT_FEATURES)."""
+    from hummingbird_fungi.config.schema import DataOptions, FungiOptions, SupportOptions
+    from hummingbird_fungi.eval.tune import ExampleTuner
 
+    features = features or defaults.SEGMENT_FEATURES
     if args.weights is not None and not args.weights.is_file():
         raise DataError(f"weights file {args.weights} does not exist")
-    if args.feature_option and args.features != "fungi":
+    if args.feature_option and (args.features or features.kind) != "fungi":
         raise ConfigError(f"--feature-option {args.feature_option} given for {args.features!r} features")
-    if args.whiten_dims is not None and not args.whiten:
+    whiten = whitening(args, features)
+    if args.whiten_dims is not None and not whiten:
         raise ConfigError(f"--whiten-dims {args.whiten_dims} needs --whiten")
+    kind = args.features or features.kind
     with flag_named(f"--feature-option {' '.join(args.feature_option or [])}"):
         fungi = FungiOptions.from_mapping(overrides_to_dict(args.feature_option))
     with flag_named(f"--backend {args.backend}"):
-        retrieval = RetrievalOptions(backend=args.backend, k=args.k)
+        retrieval = dataclasses.replace(SEGMENT_RETRIEVAL, backend=args.backend or SEGMENT_RETRIEVAL.backend,
+                                        k=SEGMENT_RETRIEVAL.k if args.k is None else args.k)
     epochs = args.augmentation_epochs
     return {"weights": args.weights, "pretrained": not args.random_init,
             "backbone_kwargs": overrides_to_dict(args.backbone_option), "input_size": args.input_size,
-            "features": FeatureOptions(kind=args.features, fungi=fungi, support=SupportOptions(size=args.memory_size),
-                                       transform=TransformOptions(pca=args.whiten, dims=args.whiten_dims)),
+            "features": dataclasses.replace(features, kind=kind, fungi=fungi,
+                                            support=SupportOptions(size=args.memory_size),
+                                            transform=dataclasses.replace(  # --whiten: whatever the row count
+                                                features.transform, pca=whiten, dims=args.whiten_dims,
+                                                min_rows_per_dim=None if args.whiten else
+                                                features.transform.min_rows_per_dim)),
             "memory": dataclasses.replace(SEGMENT_MEMORY, size=args.memory_size, augment=epochs > 0,
                                           augmentation_epochs=max(epochs, 1)),
             "retrieval": retrieval,
-            "transfer": TransferOptions(temperature=args.temperature),
+            "transfer": dataclasses.replace(SEGMENT_TRANSFER, temperature=SEGMENT_TRANSFER.temperature
+                                            if args.temperature is None else args.temperature),
+            "tune": ExampleTuner() if args.tune else None,
             "data": DataOptions(**{**SEGMENT_DATA.to_dict(), "batch_size": args.batch_size}),
             "device": args.device, "seed": args.seed}
+
+
+def whitening(args: argparse.Namespace, features: FeatureOptions) -> bool:
+    """Whether the features are whitened: --whiten / --no-whiten, else the command's default `features`."""
+    return features.transform.pca if args.whiten is None else args.whiten
 
 
 def label_space_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -261,6 +285,8 @@ def cmd_segment(args: argparse.Namespace) -> None:
     if args.memory is not None and args.whiten:
         raise ConfigError(f"--whiten applies to a bank built from --examples; --memory {args.memory} applies the "
                           f"transform it was saved with (--whiten --save-memory)")
+    if args.memory is not None and args.tune:
+        raise ConfigError(f"--tune chooses how a bank is built from --examples; --memory {args.memory} is built")
     summary, _ = run_segment(args, args.examples, args.memory, args.images, args.ground_truth, args.out)
     finish(summary, args.out)
 
@@ -336,30 +362,102 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- video
 
 
-def cmd_video(args: argparse.Namespace) -> None:
-    """`hbfungi video`: segment a clip from its annotated frames (the logic is in segment.video); the frames that
-    could not be segmented are printed, and make it fail (exit 2) once the summary is written."""
-    from hummingbird_fungi.fileio import check_output_dir, preflight
-    from hummingbird_fungi.segment.video import run_video, video_inputs
+def protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The `VideoProtocol` fields given as flags (they win over the --protocol preset)."""
+    given = {"k": args.k, "temperature": args.temperature, "propagate": args.propagate, "radius": args.radius,
+             "first_radius": args.first_radius, "first_labels": args.first_labels, "resolution": args.resolution}
+    return {key: value for key, value in given.items() if value is not None}
 
+
+def video_features(args: argparse.Namespace) -> FeatureOptions:
+    """The video command's default features: a user's (VIDEO_FEATURES) for --frames; for --davis (a benchmark) raw
+    features unless --whiten."""
+    video = defaults.VIDEO_FEATURES
+    return video if args.davis is None else dataclasses.replace(video, transform=dataclasses.replace(video.transform,
+                                                                                                     pca=False))
+
+
+def video_segmenter_options(args: argparse.Namespace, protocol: Any) -> dict[str, Any]:
+    """`segmenter_options` of the video flags, retrieval k and temperature those of `protocol`."""
+    return segmenter_options(argparse.Namespace(**{**vars(args), "k": protocol.k, "temperature": protocol.temperature}),
+                             video_features(args))
+
+
+def cmd_video(args: argparse.Namespace) -> None:
+    """`hbfungi video`: segment a clip from its annotated frames, or every sequence of a DAVIS folder (the logic is
+    in segment.video and eval.davis); frames that could not be segmented are printed, and make it fail (exit 2)
+    once the summary is written."""
+    from hummingbird_fungi.fileio import check_output_dir, preflight
+    from hummingbird_fungi.segment.video import run_video, video_inputs, video_protocol
+
+    if (args.davis is None) == (args.frames is None or args.masks is None) or (args.davis and (args.frames or
+                                                                                               args.masks)):
+        raise ConfigError("pass --davis ROOT, or --frames DIR with --masks DIR")
+    if args.tune:
+        raise ConfigError("--tune holds annotated images out in turn, and a video protocol sets k and temperature: "
+                          "tune on annotated frames with `hbfungi segment --examples DIR --tune` and pass its "
+                          "choice as --features/--whiten/--k/--temperature")
+    if args.whiten_on == "clip" and not whitening(args, video_features(args)):
+        raise ConfigError("--whiten-on clip fits the whitening on the clip: it needs --whiten")
+    with flag_named(f"--protocol {' '.join(args.protocol or [])}"):
+        protocols = {name: video_protocol(name, **protocol_overrides(args))
+                     for name in args.protocol or (["dino"] if args.davis else ["first"])}
     check_output_dir(args.out, "--out")
+    if args.davis is not None:
+        run_davis_command(args, protocols)
+        return
+    if len(protocols) > 1 or args.sequence:
+        raise ConfigError("several --protocol names and --sequence go with --davis; --frames takes one protocol")
     refuse_links(args.out, ("masks", "overlays"))
     preflight({"--frames": (args.frames, "dir"), "--masks": (args.masks, "dir"), "--weights": (args.weights, "file")},
               {f"--out {name}": (args.out / name, "file" if "." in name else "dir")
                for name in ("masks", "overlays", "strip.png", "summary.json")})
-    video_inputs(args.frames, args.masks, args.annotate)  # a missing first mask, a bad file or size: before the model
-    options = {**segmenter_options(args), "backbone": args.backbone or "dinov2_vits14", **label_space_flags(args)}
-    summary = run_video(args.frames, args.masks, args.out, args.annotate, args.propagate, args.radius, **options)
+    annotate = args.annotate or "all"
+    video_inputs(args.frames, args.masks, annotate)  # a missing first mask, a bad file or size: before the model
+    [(name, protocol)] = protocols.items()
+    options = {**video_segmenter_options(args, protocol), "backbone": args.backbone or "dinov2_vits14",
+               **label_space_flags(args)}
+    summary = run_video(args.frames, args.masks, args.out, annotate, name, protocol_overrides(args),
+                        args.batch_size, args.whiten_on, **options)
     clip = summary["video"]
     for failure in clip["failed"]:
         print(f"skipped {failure['file']}: {failure['error']}")
-    scored = "no frame scored" if clip["j_mean"] is None else \
-        f"mean J {100 * clip['j_mean']:.1f}% over {clip['num_scored']} frames"
-    print(f"{clip['num_segmented']}/{clip['num_frames']} frames ({clip['num_annotated']} annotated) -> "
-          f"{args.out / 'masks'}, {args.out / 'overlays'}; {scored}; summary {args.out / 'summary.json'}")
+    scored = "no frame scored" if clip["jf_mean"] is None else (
+        f"J&F {100 * clip['jf_mean']:.1f}% (J {100 * clip['j_mean']:.1f}, F {100 * clip['f_mean']:.1f}) over "
+        f"{clip['num_scored']} frames")
+    fps = "" if clip["frames_per_s"] is None else f"; {clip['frames_per_s']:.2f} frames/s"
+    print(f"{clip['num_segmented']}/{clip['num_frames']} frames ({clip['num_annotated']} annotated, protocol {name}) "
+          f"-> {args.out / 'masks'}, {args.out / 'overlays'}; {scored}{fps}; summary {args.out / 'summary.json'}")
     if clip["failed"]:
         raise DataError(f"{len(clip['failed'])} of the {clip['num_frames']} frames of {args.frames} could not be "
                         f"segmented (see the skipped frames above and {args.out / 'summary.json'})")
+
+
+def run_davis_command(args: argparse.Namespace, protocols: dict[str, Any]) -> None:
+    """`hbfungi video --davis`: every sequence (or --sequence) with each protocol; prints the DAVIS table."""
+    from hummingbird_fungi.eval.davis import davis_clips, format_table, run_davis
+    from hummingbird_fungi.fileio import preflight
+
+    if args.annotate == "all" or any(flag is not None for flag in (args.num_classes, args.ignore_index,
+                                                                       args.class_names)):
+        raise ConfigError("--davis annotates the first frame of each sequence and takes its label space from that "
+                          "mask (objects 1..K, void 255): no --annotate all, --num-classes, --ignore-index or "
+                          "--class-names")
+    preflight({"--davis": (args.davis, "dir"), "--weights": (args.weights, "file")},
+              {"--out": (args.out, "dir")})
+    davis_clips(args.davis, args.sequence)  # an unknown sequence, a missing folder or first mask: before the model
+    options = {**video_segmenter_options(args, next(iter(protocols.values()))),
+               "backbone": args.backbone or "dinov2_vits14"}
+    summary = run_davis(args.davis, args.out, protocols, args.sequence, args.batch_size, args.whiten_on, **options)
+    print(format_table(summary))
+    failed = [(name, sequence, failure) for name, protocol in summary["protocols"].items()
+              for sequence, row in protocol["sequences"].items() for failure in row["failed"]]
+    for name, sequence, failure in failed:
+        print(f"skipped ({name}, {sequence}) {failure['file']}: {failure['error']}")
+    print(f"masks under {args.out}; table {args.out / 'table.csv'}; summary {args.out / 'summary.json'}")
+    if failed:
+        raise DataError(f"{len(failed)} frames of {args.davis} could not be segmented (see the skipped frames above "
+                        f"and {args.out / 'summary.json'})")
 
 
 def add_segment_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -394,23 +492,43 @@ def add_segment_commands(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(demo)
     demo.set_defaults(func=cmd_demo, num_classes=None, ignore_index=None, class_names=None, save_memory=None)
 
-    video = subparsers.add_parser("video", help="segment a video from its annotated frames",
-                                  description="Segment every frame of --frames (sorted by name) with a memory "
-                                              "bank built from the annotated frames (--masks: <stem>.png, at "
-                                              "least the first frame's); optional propagation of the last "
-                                              "predicted frames. Writes masks, overlays and summary.json with "
-                                              "per-frame foreground IoU (J) against masks not in the memory.")
-    video.add_argument("--frames", type=Path, required=True, help="folder of frames, sorted by name")
-    video.add_argument("--masks", type=Path, required=True, help="folder of <stem>.png masks of annotated frames")
+    video = subparsers.add_parser("video", help="segment a video from its annotated frames, or a DAVIS folder",
+                                  description="Segment every frame of --frames (sorted by name) from the annotated "
+                                              "frames (--masks: <stem>.png, at least the first frame's), or every "
+                                              "sequence of a DAVIS folder (--davis) from its first frame, with a "
+                                              "video protocol (first: the annotated frames' memory bank; propagate: "
+                                              "plus the last predicted frames; dino: DINO's label propagation). "
+                                              "Writes masks and summary.json with DAVIS J and F per object against "
+                                              "masks not in the memory, and frames per second.")
+    video.add_argument("--frames", type=Path, help="folder of frames, sorted by name")
+    video.add_argument("--masks", type=Path, help="folder of <stem>.png masks of annotated frames")
+    video.add_argument("--davis", type=Path, help="DAVIS folder: JPEGImages/<seq>/ and Annotations/<seq>/ (or their "
+                                                 "480p level); first frame annotated, frames 1..N-2 scored")
+    video.add_argument("--sequence", action="append", metavar="NAME", help="with --davis: this sequence only "
+                                                                           "(repeatable; default every sequence)")
     video.add_argument("--out", type=Path, required=True, help="output folder")
-    video.add_argument("--annotate", choices=("all", "first"), default="all",
+    video.add_argument("--protocol", nargs="+", metavar="NAME",
+                       help="video protocol(s): first, propagate, dino (default first, with --davis dino); several "
+                            "with --davis share each feature extraction of one input size")
+    video.add_argument("--annotate", choices=("all", "first"),
                        help="masks in the memory: all of --masks, or the first frame's only, the others scored "
-                            "(default all)")
-    video.add_argument("--propagate", type=checked(int, at_least(0)), default=0, metavar="N",
-                       help="add the last N predicted frames to the memory (default 0: off)")
+                            "(default all; --davis: first)")
+    video.add_argument("--propagate", type=checked(int, at_least(0)), metavar="N",
+                       help="the last N predicted frames join the context (default: the protocol's)")
     video.add_argument("--radius", type=checked(int, at_least(0)), metavar="R",
-                       help="propagated frames: only patches within R patches of the query's position "
-                            "(default: no limit)")
+                       help="predicted frames: only patches within R patches of the query's position "
+                            "(default: the protocol's)")
+    video.add_argument("--first-radius", type=checked(int, at_least(0)), metavar="R",
+                       help="annotated frames in the context within R patches, the memory bank not searched "
+                            "(default: the protocol's)")
+    video.add_argument("--first-labels", choices=("nearest", "area"),
+                       help="with a first radius: annotated patches one-hot at their centre pixel (nearest) or "
+                            "class fractions (area) (default: the protocol's)")
+    video.add_argument("--resolution", type=checked(int, at_least(1)), metavar="PX",
+                       help="short side of the network input in pixels (default: the protocol's; --input-size wins)")
+    video.add_argument("--whiten-on", choices=("examples", "clip"), default="examples",
+                       help="with whitening: fit it on the annotated frames' patches (examples, default) or on every "
+                            "frame's patches of the clip, no labels (clip)")
     add_label_space_args(video)
     add_model_args(video)
-    video.set_defaults(func=cmd_video)
+    video.set_defaults(func=cmd_video, k=None, temperature=None)  # None: the protocol's

@@ -142,6 +142,9 @@ class FungiOptions(Section):
     grad_weight: float = option(1.0, check=at_least(0), doc="weight w of the gradient part")
     autocast: Autocast = option("auto", doc="bf16 autocast: auto (CUDA only), bf16 or off")
     token_chunk: int = option(1024, check=at_least(1), doc="tokens per projection block")
+    projection_dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "auto", doc="dtype of the projection's matmuls: auto (bfloat16 under autocast, else float32), float32, or "
+                    "bfloat16 (several times faster where matmuls run natively in bf16: AMX CPUs, GPUs)")
 
     def validate(self) -> None:
         if self.n_neg > self.neg_k:
@@ -170,7 +173,13 @@ class TransformOptions(Section):
                               doc="axes kept, largest variance first; null: every axis (whitened: at most rows - 1)")
     whiten: bool = option(True, doc="divide each axis by the square root of its eigenvalue (identity covariance)")
     epsilon: float = option(0.0, check=at_least(0), doc="added to each eigenvalue before whitening")
+    shrinkage: Literal["none", "ledoit_wolf"] = option(
+        "none", doc="eigenvalues of the covariance shrunk towards their mean by the Ledoit-Wolf intensity before "
+                    "whitening (few rows: e.g. one example image), or none")
     fit_rows: int = option(200000, check=at_least(1), doc="rows of the seeded uniform sample the PCA is fitted on")
+    min_rows_per_dim: float | None = option(None, check=positive,
+                                            doc="fewer memory rows than this many per feature dimension: no transform "
+                                                "(a warning says so); null: always")
 
 
 @dataclass
@@ -217,9 +226,20 @@ class RetrievalOptions(Section):
 
     key = "retrieval"
     k: int = option(30, check=at_least(1), doc="neighbours per patch")
-    backend: str = registered("hummingbird_fungi.retrieval.indexes:BACKENDS", "torch",
-                              doc="a registered retrieval backend (`hbfungi list backends`)")
+    backend: str = registered("hummingbird_fungi.retrieval.indexes:BACKENDS", "exact",
+                              doc="a registered retrieval backend (`hbfungi list backends`); exact: faiss on CPU "
+                                  "when installed, else torch")
     options: dict[str, Any] = option(factory=dict, doc="backend options (e.g. nprobe, device)")
+
+
+Rescore = Literal["auto", "always", "never"]
+
+
+def rescore_mode(value: Any) -> Any:
+    """`transfer.rescore` as a mode: true/false (the former switch) read as 'always'/'never', other values as given."""
+    if isinstance(value, bool):
+        return "always" if value else "never"
+    return value
 
 
 @dataclass
@@ -228,7 +248,9 @@ class TransferOptions(Section):
 
     key = "transfer"
     temperature: float = option(0.02, check=positive, doc="softmax temperature over neighbour cosines")
-    rescore: bool = option(True, doc="re-score neighbours with exact cosines")
+    rescore: Rescore = option("auto", parse=rescore_mode,
+                              doc="neighbour cosines: always re-read rows from the bank (the reference), never "
+                                  "(index scores), auto (re-read only for approximate or reduced-precision indexes)")
     rerank: int = option(0, check=at_least(0), doc="candidates re-ranked exactly (approximate backends)")
     class_chunk: int = option(32, check=at_least(1), doc="classes upsampled at a time")
 
@@ -245,6 +267,33 @@ class HbirdConfig(Section):
     memory: MemoryOptions = option(factory=MemoryOptions)
     retrieval: RetrievalOptions = option(factory=RetrievalOptions)
     transfer: TransferOptions = option(factory=TransferOptions)
+
+
+@dataclass
+class TuneOptions(Section):
+    """The grid `hbfungi tune` scores on held-out memory images (never the evaluated split)."""
+
+    key = "tune"
+    folds: int = option(3, check=at_least(2), doc="seeded folds of memory images, each held out once (more "
+                                                  "folds than images: leave one image out)")
+    rows: int | None = option(102400, check=at_least(1), doc="bank rows per fold at most, drawn as the builder "
+                                                              "draws (bounds the cost); null: the preset's memory")
+    features: list[str] = registered("hummingbird_fungi.features:PATCH_FEATURES",
+                                     factory=lambda: ["embeddings", "fungi"], doc="feature kinds tried")
+    layers: list[str | None] = option(factory=lambda: [None], doc="FUNGI gradient layers tried (null: the "
+                                                                  "encoder's default)")
+    transforms: list[Literal["none", "whiten"]] = option(factory=lambda: ["none", "whiten"],
+                                                        doc="none: raw features; whiten: features.transform with "
+                                                            "pca=true, whiten=true")
+    k: list[int] = option(factory=lambda: [5, 10, 20, 30, 50], check=at_least(1), doc="neighbours tried")
+    temperatures: list[float] = option(factory=lambda: [0.01, 0.02, 0.05, 0.1], check=positive,
+                                       doc="vote temperatures tried")
+    resamples: int = option(1000, check=at_least(1), doc="bootstrap resamples of the held-out images")
+
+    def validate(self) -> None:
+        for name in ("features", "layers", "transforms", "k", "temperatures"):
+            if not getattr(self, name):
+                raise ConfigError(f"{self.key}.{name} must list at least one value")
 
 
 # --------------------------------------------------------------------------- image-level kNN

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from hummingbird_fungi.errors import DataError
 from hummingbird_fungi.eval.metrics import miou_standard
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,49 @@ def compare(a: np.ndarray, b: np.ndarray, draws: np.ndarray) -> dict[str, Any]:
         return {**result, "b": result["miou_b"]}
     result = paired_bootstrap_means(a, b, indices=draws)
     return {**result, "b": result["mean_b"]}
+
+
+def read_per_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(image keys (N,), confusion matrices (N, C, C)) of a `--per-image` file; DataError naming a bad file."""
+    try:
+        with np.load(path) as data:
+            keys, matrices = data["keys"], data["confusions"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"cannot read per-image matrices from {path}: {exc}") from exc
+    if matrices.ndim != 3 or matrices.shape[1] != matrices.shape[2] or len(keys) != len(matrices):
+        raise DataError(f"{path}: expected keys (N,) and matrices (N, C, C), got {keys.shape} and {matrices.shape}")
+    return keys, matrices
+
+
+def compare_runs(runs: dict[str, tuple[np.ndarray, np.ndarray]], n_resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> list[dict[str, Any]]:
+    """Each run's dataset mIoU and its paired interval against the first run, over the same resampled images; runs
+    are {name: (keys (N,), matrices (N, C, C))} and must score the same images (matched by key)."""
+    (base_name, (base_keys, base)), *others = runs.items()
+    order = np.argsort(base_keys)
+    draws = resample_indices(len(base_keys), n_resamples, seed)
+    rows = [{"run": base_name, "miou": dataset_miou(base.sum(0)), "difference": 0.0, "low": 0.0, "high": 0.0,
+             "excludes_zero": False, "n_images": len(base)}]
+    for name, (keys, matrices) in others:
+        if sorted(keys.tolist()) != sorted(base_keys.tolist()) or matrices.shape[1:] != base.shape[1:]:
+            raise DataError(f"run {name} scores other images or classes than {base_name}: runs compare only on "
+                            f"the same evaluation split")
+        aligned = np.empty_like(matrices)
+        aligned[order] = matrices[np.argsort(keys)]  # b's matrices in a's image order
+        result = paired_bootstrap(base, aligned, indices=draws, level=level)
+        rows.append({"run": name, "miou": result["miou_b"], **{key: result[key] for key in
+                     ("difference", "low", "high", "excludes_zero")}, "n_images": len(matrices)})
+    return rows
+
+
+def format_comparison(rows: list[dict[str, Any]], level: float = 0.95) -> str:
+    """The rows of `compare_runs` as a table: mIoU, difference to the first run and its interval ('*': excludes 0)."""
+    width = max(len(row["run"]) for row in rows)
+    lines = [f"{'run':<{width}}  {'mIoU':>6}  {'diff':>6}  {round(100 * level)}% interval (vs {rows[0]['run']})"]
+    for row in rows[1:]:
+        lines.append(f"{row['run']:<{width}}  {100 * row['miou']:6.2f}  {100 * row['difference']:+6.2f}  "
+                     f"[{100 * row['low']:+.2f}, {100 * row['high']:+.2f}]{' *' if row['excludes_zero'] else ''}")
+    return "\n".join([lines[0], f"{rows[0]['run']:<{width}}  {100 * rows[0]['miou']:6.2f}", *lines[1:]])
 
 
 def _draws(n: int, n_resamples: int, seed: int, indices: np.ndarray | None, level: float) -> np.ndarray:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -60,8 +61,11 @@ OHE_SCANN_PARAMS = {"num_reordering_candidates": "reorder", "anisotropic_quantiz
 def evaluate_bank(extractor: PatchFeatures, bank: MemoryBank, eval_set: SegmentationDataset, *,
                   input_size: tuple[int, int], retrieval: RetrievalOptions, transfer: TransferOptions,
                   data: DataOptions, device: torch.device, timings: dict[str, float] | None = None,
-                  non_finite: str = "error") -> dict:
-    """Segment `eval_set` with `bank` and return the metric summary (`non_finite`: `features.non_finite`)."""
+                  non_finite: str = "error", per_image: bool = False,
+                  label_transfer: LabelTransfer | None = None) -> dict:
+    """Segment `eval_set` with `bank` and return the metric summary (`non_finite`: `features.non_finite`); with
+    `per_image` also each image's path (`per_image_keys`) and (C, C) matrix (`per_image_confusions`, (N, C, C)).
+    `label_transfer`, when given, is used instead of one built from `retrieval` and `transfer` over `bank`."""
     timings = {} if timings is None else timings
     original = data.eval_resolution == "original"
     eval_set = eval_set.with_transform(EvalTransform(input_size, normalize=data.normalize),
@@ -73,8 +77,9 @@ def evaluate_bank(extractor: PatchFeatures, bank: MemoryBank, eval_set: Segmenta
     if info.num_classes != bank.num_classes:
         raise ConfigError(f"eval dataset {info.name} has {info.num_classes} classes but the memory bank "
                           f"has {bank.num_classes}")
-    with timed(timings, "build_index_s"):
-        label_transfer = LabelTransfer.from_options(bank, retrieval, transfer)
+    if label_transfer is None:  # given: an index built already over `bank` (tools/sweep_retrieval.py)
+        with timed(timings, "build_index_s"):
+            label_transfer = LabelTransfer.from_options(bank, retrieval, transfer)
     rank, world = rank_and_world()
     part = torch.utils.data.Subset(eval_set, range(rank, len(eval_set), world))
     loader = torch.utils.data.DataLoader(part, batch_size=data.batch_size, num_workers=data.num_workers,
@@ -87,17 +92,29 @@ def evaluate_bank(extractor: PatchFeatures, bank: MemoryBank, eval_set: Segmenta
             yield QueryBatch(grid, [tuple(t.shape) for t in targets], images=batch["image"], targets=targets,
                              keys=batch["path"])
 
+    if per_image and world > 1:
+        raise ConfigError("per-image confusion matrices are written by single-process runs only")
     cm = ConfusionMatrix(info.num_classes, ignore_index=info.ignore_index)
+    keys, matrices = [], []
     with timed(timings, "evaluate_s"), worker_errors_unwrapped(), \
             tqdm(total=len(part), desc="evaluate", unit="img", disable=rank != 0) as progress:
         for prediction in predict(queries(), label_transfer, extractor, ignore_index=info.ignore_index,
-                                  class_chunk=transfer.class_chunk, device=device, non_finite=non_finite):
-            cm.matrix += prediction.confusions[label_transfer.setting]
+                                  class_chunk=transfer.class_chunk, device=device, non_finite=non_finite,
+                                  timings=timings):
+            matrix = prediction.confusions[label_transfer.setting]
+            cm.matrix += matrix
+            if per_image:
+                keys.append(str(prediction.key))
+                matrices.append(matrix.numpy())
             progress.update()
     cm.all_reduce()
     summary = metric_summary(cm, info.class_names, info.ignore_index)
     summary["num_eval_images"] = len(eval_set)
+    summary["index"] = label_transfer.index.options()  # the backend `exact` resolved to, and its settings
     summary["eval_images_per_s"] = len(eval_set) / max(timings["evaluate_s"], 1e-9)
+    if per_image:
+        summary["per_image_keys"] = keys
+        summary["per_image_confusions"] = np.stack(matrices) if matrices else np.zeros((0, *cm.matrix.shape), np.int64)
     return summary
 
 
@@ -112,7 +129,7 @@ def bank_summary(bank: MemoryBank) -> dict[str, Any]:
 def _evaluate(encoder: Encoder, train_data: SegmentationDataset, eval_data: SegmentationDataset, *,
               input_size: Any, memory: MemoryOptions, features: FeatureOptions, retrieval: RetrievalOptions,
               transfer: TransferOptions, data: DataOptions, device: torch.device, seed: int,
-              manifest_extra: dict | None, timings: dict[str, float]) -> dict[str, Any]:
+              manifest_extra: dict | None, timings: dict[str, float], per_image: bool = False) -> dict[str, Any]:
     """`evaluate` once its options are checked and its device resolved."""
     start = time.perf_counter()
     encoder = encoder.to(device)
@@ -121,7 +138,8 @@ def _evaluate(encoder: Encoder, train_data: SegmentationDataset, eval_data: Segm
                                    data=data, device=device, seed=seed, timings=timings,
                                    manifest_extra=manifest_extra)
     summary = evaluate_bank(extractor, bank, eval_data, input_size=size, retrieval=retrieval, transfer=transfer,
-                            data=data, device=device, timings=timings, non_finite=features.non_finite)
+                            data=data, device=device, timings=timings, non_finite=features.non_finite,
+                            per_image=per_image)
     timings["total_s"] = time.perf_counter() - start
     return {**summary, "memory": bank_summary(bank), "features": extractor.manifest(), "timings": timings}
 
@@ -133,14 +151,15 @@ def evaluate(encoder: Any, train_data: SegmentationDataset, eval_data: Segmentat
              input_size: Any = None, memory: MemoryOptions | None = None, features: FeatureOptions | None = None,
              retrieval: RetrievalOptions | None = None, transfer: TransferOptions | None = None,
              data: DataOptions | None = None, device: str = "auto", seed: int = 0,
-             manifest_extra: dict | None = None) -> dict[str, Any]:
+             manifest_extra: dict | None = None, per_image: bool = False) -> dict[str, Any]:
     """Hummingbird evaluation of `encoder` (an Encoder or any module `create_encoder` takes).
 
     The memory bank is filled from `train_data` and `eval_data` is segmented and scored; both are
     segmentation datasets (`build_dataset`), transforms are set here (`data`: normalisation, scoring
     resolution, batch size, workers). `input_size` is (H, W), an int or 'HxW' (default 32 x 32
     patches). Returns the metric summary (`miou`, `miou_reference`, `per_class_iou`, ...) with the
-    bank's size (`memory`), the feature manifest and `timings`.
+    bank's size (`memory`), the feature manifest and `timings`; `per_image` adds each image's confusion
+    matrix (`per_image_keys`, `per_image_confusions` (N, C, C)) for paired comparisons (`eval.bootstrap`).
     """
     problem = check_device(device) if isinstance(device, str) else None
     if problem:
@@ -150,7 +169,8 @@ def evaluate(encoder: Any, train_data: SegmentationDataset, eval_data: Segmentat
     return _evaluate(create_encoder(encoder), train_data, eval_data, input_size=input_size,
                      memory=memory or MemoryOptions(), features=features or FeatureOptions(), retrieval=retrieval,
                      transfer=transfer or TransferOptions(), data=data or DataOptions(),
-                     device=resolve_device(device), seed=seed, manifest_extra=manifest_extra, timings={})
+                     device=resolve_device(device), seed=seed, manifest_extra=manifest_extra, timings={},
+                     per_image=per_image)
 
 
 # --------------------------------------------------------------------------- open-hummingbird-eval's signature
@@ -238,14 +258,15 @@ def data_manifest(config: HbirdConfig) -> dict:
             "normalize": data.normalize}
 
 
-def check_run_paths(config: HbirdConfig, out: str | Path | None) -> None:
-    """Before any model loads: inputs exist, the results file `out` and a bank to build can be written,
-    and no output is, lies inside or contains an input (data root, file sets, weights, an existing bank)."""
+def check_run_paths(config: HbirdConfig, out: str | Path | None, per_image: str | Path | None = None) -> None:
+    """Before any model loads: inputs exist, the results files (`out`, `per_image`) and a bank to build can be
+    written, and no output is, lies inside or contains an input (data root, file sets, weights, an existing bank)."""
     data, bank = config.data, config.memory.path
     inputs = preflight({"data.root": (data.root, "dir"), "data.train_file_set": (data.train_file_set, "file"),
                         "data.eval_file_set": (data.eval_file_set, "file"),
-                        "model.weights": (config.model.weights, "file")}, {"--out": (out, "file")})
-    check_no_overlap({"--out": out}, {"memory.path": bank})
+                        "model.weights": (config.model.weights, "file")},
+                       {"--out": (out, "file"), "--per-image": (per_image, "file")})
+    check_no_overlap({"--out": out, "--per-image": per_image}, {"memory.path": bank})
     if bank is not None and Path(bank).exists():
         read_manifest(bank)  # a damaged or unfinished bank is named before any model loads
     elif bank is not None:
@@ -253,11 +274,11 @@ def check_run_paths(config: HbirdConfig, out: str | Path | None) -> None:
         check_no_overlap({"memory.path": bank, "memory.path (unfinished build)": partial_path(bank)}, inputs)
 
 
-def _prepare(config: HbirdConfig, out: str | Path | None, timings: dict[str, float]
-             ) -> tuple[SegmentationDataset, Encoder, torch.device]:
+def prepare_run(config: HbirdConfig, out: str | Path | None, timings: dict[str, float],
+             per_image: str | Path | None = None) -> tuple[SegmentationDataset, Encoder, torch.device]:
     """Checks before any work (paths, index options), then the memory dataset and the encoder on its device."""
     check_index_options(config.retrieval.backend, config.retrieval.options)
-    check_run_paths(config, out)
+    check_run_paths(config, out, per_image)
     train = config_dataset(config, "train")
     device, model = resolve_device(config.device), config.model
     with timed(timings, "load_backbone_s"):
@@ -266,15 +287,16 @@ def _prepare(config: HbirdConfig, out: str | Path | None, timings: dict[str, flo
     return train, encoder, device
 
 
-def run_hbird(config: HbirdConfig, out: str | Path | None = None) -> dict:
+def run_hbird(config: HbirdConfig, out: str | Path | None = None, per_image: str | Path | None = None) -> dict:
     """`hbfungi hbird`: the evaluation the config describes, with the config and versions recorded
-    (`out`, the results file the caller writes, is checked with the other paths before any work)."""
+    (`out`, the results file the caller writes, and `per_image`, a file of per-image matrices the caller writes,
+    are checked with the other paths before any work)."""
     timings: dict[str, float] = {}
-    train, encoder, device = _prepare(config, out, timings)
+    train, encoder, device = prepare_run(config, out, timings, per_image)
     results = _evaluate(encoder, train, config_dataset(config, "eval"), input_size=config.model.input_size,
                         memory=config.memory, features=config.features, retrieval=config.retrieval,
                         transfer=config.transfer, data=config.data, device=device, seed=config.seed,
-                        manifest_extra=config_manifest(config), timings=timings)
+                        manifest_extra=config_manifest(config), timings=timings, per_image=per_image is not None)
     return {**results, "config": config.to_dict(), "versions": versions()}
 
 
@@ -286,7 +308,7 @@ def run_build_memory(config: HbirdConfig, out: str | Path | None = None) -> dict
     if Path(path).exists():
         raise ConfigError(f"memory.path {path} already exists; remove it or choose another path")
     timings: dict[str, float] = {}
-    train, encoder, device = _prepare(config, out, timings)
+    train, encoder, device = prepare_run(config, out, timings)
     bank, extractor = build_memory(encoder, train, input_size=encoder.input_size(config.model.input_size),
                                    features=config.features, memory=config.memory, data=config.data, device=device,
                                    seed=config.seed, timings=timings, manifest_extra=config_manifest(config))
@@ -294,9 +316,9 @@ def run_build_memory(config: HbirdConfig, out: str | Path | None = None) -> dict
             "config": config.to_dict(), "timings": timings, "versions": versions()}
 
 
-def run_evaluate(config: HbirdConfig, out: str | Path | None = None) -> dict:
+def run_evaluate(config: HbirdConfig, out: str | Path | None = None, per_image: str | Path | None = None) -> dict:
     """`hbfungi evaluate`: evaluate with the existing bank at memory.path (refused unless it records this config)."""
     path = config.memory.path
     if path is None or not Path(path).exists():
         raise ConfigError(f"memory.path {path!r} does not hold a memory bank; run build-memory first")
-    return run_hbird(config, out)
+    return run_hbird(config, out, per_image)

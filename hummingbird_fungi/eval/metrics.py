@@ -168,3 +168,81 @@ def jaccard(confusion: np.ndarray) -> float:
     """Foreground IoU (DAVIS J) of a (2, 2) matrix; 1 when neither ground truth nor prediction has foreground."""
     iou = float(iou_per_class(torch.from_numpy(np.asarray(confusion)))[1])
     return 1.0 if np.isnan(iou) else iou
+
+
+# --------------------------------------------------------------------------- DAVIS J and F per object
+
+DAVIS_BOUNDARY = 0.008  # F's match tolerance: this fraction of the image diagonal, rounded up to whole pixels
+
+
+def region_similarity(pred: np.ndarray, gt: np.ndarray, void: np.ndarray | None = None) -> float:
+    """DAVIS J of binary (H, W) masks: IoU with `void` pixels left out; 1 when both are empty."""
+    if void is None:
+        return jaccard(foreground_confusion(pred, gt))
+    return jaccard(foreground_confusion(pred, np.where(void, 2, gt), ignore_index=2))
+
+
+def boundary_map(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool boundary of a binary mask, DAVIS's `seg2bmap`: pixels differing from the right, lower or
+    lower-right neighbour (the last row compares to the right only, the last column downwards only)."""
+    right, down, diagonal = np.zeros_like(mask), np.zeros_like(mask), np.zeros_like(mask)
+    right[:, :-1], down[:-1], diagonal[:-1, :-1] = mask[:, 1:], mask[1:], mask[1:, 1:]
+    edges = (mask ^ right) | (mask ^ down) | (mask ^ diagonal)
+    edges[-1] = mask[-1] ^ right[-1]
+    edges[:, -1] = mask[:, -1] ^ down[:, -1]
+    edges[-1, -1] = False
+    return edges
+
+
+def disk(radius: int) -> np.ndarray:
+    """(2r+1, 2r+1) bool disk: offsets (y, x) with y^2 + x^2 <= r^2."""
+    y, x = np.ogrid[-radius:radius + 1, -radius:radius + 1]
+    return y * y + x * x <= radius * radius
+
+
+def dilated_near(edges: np.ndarray, other: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels of `edges` within `radius` (Euclidean) of a pixel of `other`, both (H, W) bool; the dilation of
+    `other` by a disk is computed on the bounding box of both, padded by the radius."""
+    from scipy.ndimage import binary_dilation
+
+    rows, cols = np.nonzero(edges | other)
+    if not len(rows) or not other.any():
+        return np.zeros_like(edges)
+    top, left = max(rows.min() - radius, 0), max(cols.min() - radius, 0)
+    box = (slice(top, rows.max() + radius + 1), slice(left, cols.max() + radius + 1))
+    near = np.zeros_like(edges)
+    near[box] = edges[box] & binary_dilation(other[box], structure=disk(radius))
+    return near
+
+
+def contour_accuracy(pred: np.ndarray, gt: np.ndarray, void: np.ndarray | None = None,
+                     bound_th: float = DAVIS_BOUNDARY) -> float:
+    """DAVIS F of binary (H, W) masks: F-measure of boundary pixels matched within ceil(bound_th * diagonal)
+    pixels (`bound_th` >= 1: that many pixels); `void` pixels are cleared from both masks first."""
+    if void is not None:
+        pred, gt = pred & ~void, gt & ~void
+    radius = int(bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*gt.shape)))
+    pred_edges, gt_edges = boundary_map(pred), boundary_map(gt)
+    n_pred, n_gt = int(pred_edges.sum()), int(gt_edges.sum())
+    if n_pred == 0 or n_gt == 0:  # nothing to match: perfect when both are empty
+        return 1.0 if n_pred == n_gt else 0.0
+    precision = int(dilated_near(pred_edges, gt_edges, radius).sum()) / n_pred
+    recall = int(dilated_near(gt_edges, pred_edges, radius).sum()) / n_gt
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def davis_frame(pred: np.ndarray, gt: np.ndarray, objects: Sequence[int],
+                void_id: int | None = 255) -> tuple[list[float], list[float]]:
+    """(J per object, F per object) of one frame: (H, W) id maps, object ids `objects`, `void_id` pixels of the
+    ground truth left out."""
+    void = None if void_id is None else gt == void_id
+    pairs = [(pred == i, gt == i) for i in objects]
+    return ([region_similarity(p, g, void) for p, g in pairs], [contour_accuracy(p, g, void) for p, g in pairs])
+
+
+def davis_statistics(scores: Sequence[float]) -> dict[str, float | None]:
+    """Mean and recall (fraction above 0.5) of one object's per-frame J or F (None without frames)."""
+    values = np.asarray(scores, dtype=np.float64)
+    if not values.size:
+        return {"mean": None, "recall": None}
+    return {"mean": float(values.mean()), "recall": float((values > 0.5).mean())}

@@ -292,8 +292,16 @@ def transfer_predictions(memory: Tensor, labels: Tensor, queries: Tensor, compos
     if composition.pca:
         pca = Pca.fit(memory, min(composition.pca, len(memory)), composition.whiten, max_rows=PCA_ROWS)
         memory, queries = F.normalize(pca(memory), dim=-1), F.normalize(pca(queries), dim=-1)
-    manifest = {"features": {"kind": "study", "options": asdict(composition)}, "num_classes": labels.shape[1],
-                "count": len(memory)}
+    return predict_rows(memory, labels, queries, grid, sizes, settings, targets, ignore_index,
+                        {"kind": "study", "options": asdict(composition)})
+
+
+def predict_rows(memory: Tensor, labels: Tensor, queries: Tensor, grid: tuple[int, int],
+                 sizes: Sequence[tuple[int, int]], settings: Sequence[Setting], targets: Sequence[Tensor] | None = None,
+                 ignore_index: int | None = None, features: dict[str, Any] | None = None) -> Iterator[Prediction]:
+    """One `Prediction` per query image from unit memory rows (M, D) with soft labels (M, C) and unit query rows
+    (n N, D), every setting from one exact search of an in-RAM bank (`features`: its manifest's feature record)."""
+    manifest = {"features": features or {"kind": "rows"}, "num_classes": labels.shape[1], "count": len(memory)}
     bank = MemoryBank.from_arrays(memory.numpy(), labels.numpy(), manifest)
     # the exact index answers cosines of unit rows already: no rescoring
     transfer = LabelTransfer.from_bank(bank, "torch", k=max(k for k, _ in settings), rescore=False, device="cpu")

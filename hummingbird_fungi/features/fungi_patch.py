@@ -48,10 +48,12 @@ from hummingbird_fungi.features.losses import dino_loss, info_nce, kl_uniform_lo
 from hummingbird_fungi.features.projection import build_projection
 from hummingbird_fungi.models.encoders import Encoder
 from hummingbird_fungi.registry import Registry
+from hummingbird_fungi.retrieval.indexes import merge_topk, row_slices
 from hummingbird_fungi.runtime import autocast, timed, use_autocast
 
 log = logging.getLogger(__name__)
 
+SUPPORT_CHUNK = 16384  # support rows scored at a time per image (a 64 MB block for 1024 tokens)
 
 
 def gather_negatives(support: Tensor, ids: Tensor, n_neg: int, scrambled: bool = False) -> Tensor:
@@ -67,13 +69,6 @@ def gather_negatives(support: Tensor, ids: Tensor, n_neg: int, scrambled: bool =
     else:
         rows = rows.reshape(batch, tokens, k, -1)  # (B, T, K, E)
     return rows[:, :, :n_neg]
-
-
-def other_image_neighbours(ids: Tensor, row_images: Tensor, query_images: Tensor, k: int) -> Tensor:
-    """The first k neighbour ids (B, T, K') whose support row is not from the query's image -> (B, T, k)."""
-    own = row_images[ids] == query_images.view(-1, 1, 1)  # (B, T, K')
-    order = own.to(torch.int8).argsort(dim=-1, stable=True)  # other images first, in rank order
-    return ids.gather(-1, order[..., :k])
 
 
 def keep_mask(count: int, keep_prob: float, seed: int, device: torch.device) -> Tensor:
@@ -179,7 +174,6 @@ class FungiPatchFeatures(PatchFeatures):
                                            self.layer.in_features, opts.projection_seed,
                                            token_chunk=opts.token_chunk, **proj_options)
         self._support: Tensor | None = None  # (M, E) unit rows, on the device of the last call
-        self._index: Any = None
         self._support_images: Tensor | None = None  # (M,) dataset index of each support row
         self.step_times: dict[str, float] | None = None  # set to {} to accumulate seconds per step
 
@@ -196,8 +190,6 @@ class FungiPatchFeatures(PatchFeatures):
 
         `image_ids` (M,) name each row's image, so that a query image's own rows can be skipped.
         """
-        from hummingbird_fungi.retrieval.indexes import build_index
-
         features = torch.as_tensor(features)
         if features.ndim != 2 or features.shape[1] != self.encoder.embed_dim:
             raise ValueError(f"support features must be (M, {self.encoder.embed_dim}), got {tuple(features.shape)}")
@@ -205,8 +197,6 @@ class FungiPatchFeatures(PatchFeatures):
             raise ValueError(f"support image ids must be ({features.shape[0]},), got {tuple(image_ids.shape)}")
         self._support = features.float()
         self._support_images = None if image_ids is None else torch.as_tensor(image_ids, dtype=torch.int64)
-        self._index = build_index("torch", self._support.shape[1])
-        self._index.add(self._support)
         log.info("fungi support set: %d rows", self._support.shape[0])
 
     def support_arrays(self) -> dict[str, Any]:
@@ -252,25 +242,36 @@ class FungiPatchFeatures(PatchFeatures):
         """Projected support negatives (B, T n_neg, L) and their keep-mask (B, T n_neg), or (None, None)."""
         if self.negatives == "none":
             return None, None
-        if self._index is None or self._support is None:
+        if self._support is None:
             raise RuntimeError("fungi negatives need a support set: call set_support(features) first")
         batch, count, dim = tokens.shape
-        exclude = self.exclude_same_image and image_ids is not None and self._support_images is not None
-        # enough candidates that neg_k remain after dropping every row of the query's image
-        wanted = self.neg_k + (int(self._support_images.bincount().max()) if exclude else 0)
-        wanted = min(wanted, self._index.ntotal)
-        _, ids = self._index.search(F.normalize(tokens.reshape(-1, dim), dim=-1), wanted)  # (B T, K') on CPU
-        ids = ids.view(batch, count, wanted)  # (B, T, K')
-        if exclude:
-            ids = other_image_neighbours(ids, self._support_images, torch.as_tensor(image_ids).cpu(), self.neg_k)
         if self._support.device != tokens.device:
             self._support = self._support.to(tokens.device)
-        ids = ids.to(tokens.device)  # (B, T, K)
+        exclude = self.exclude_same_image and image_ids is not None and self._support_images is not None
+        ids = self._neighbours(F.normalize(tokens, dim=-1), torch.as_tensor(image_ids) if exclude else None)
         rows = gather_negatives(self._support, ids, self.n_neg, self.negatives == "support_scrambled")
         rows = rows.reshape(batch, count * self.n_neg, dim)  # (B, T n_neg, E), token-major as the reference
         negatives = self.head(rows)  # (B, T n_neg, L)
         keep = keep_mask(count * self.n_neg, self.keep_prob, self.neg_seed, tokens.device)
         return negatives, keep.expand(batch, -1)
+
+    def _neighbours(self, queries: Tensor, image_ids: Tensor | None = None) -> Tensor:
+        """Ids (B, T, neg_k) of the support rows nearest to unit queries (B, T, E) by exact cosine, best first;
+        with image ids (B,), rows of the query's own image come last (masked before the top-k)."""
+        support, k = self._support, min(self.neg_k, len(self._support))
+        own = None if image_ids is None else (self._support_images.to(queries.device)[None]
+                                              == image_ids.to(queries.device).view(-1, 1))  # (B, M)
+        ids = []
+        for b in range(len(queries)):
+            best = None
+            for rows in row_slices(len(support), SUPPORT_CHUNK):
+                scores = queries[b] @ support[rows].T  # (T, m)
+                if own is not None:
+                    scores.masked_fill_(own[b, rows], float("-inf"))
+                top, where = scores.topk(min(k, scores.shape[1]), dim=1)
+                best = merge_topk(best, (top, where + rows.start), k)
+            ids.append(best[1])
+        return torch.stack(ids)  # (B, T, k)
 
     def head(self, x: Tensor) -> Tensor:
         """The random head fc on rows x (..., E) -> (..., L)."""
@@ -279,6 +280,8 @@ class FungiPatchFeatures(PatchFeatures):
         return x @ self.head_weight.T + self.head_bias
 
     def _project(self, g: Tensor, a: Tensor) -> Tensor:
-        """Project per-token gradients g (n, E_out), a (n, E_in) -> (n, P), bf16 under autocast."""
-        dtype = torch.bfloat16 if use_autocast(self.autocast, g.device) else torch.float32
+        """Project per-token gradients g (n, E_out), a (n, E_in) -> (n, P) in `projection_dtype`."""
+        choice = self.settings.projection_dtype
+        bf16 = choice == "bfloat16" or (choice == "auto" and use_autocast(self.autocast, g.device))
+        dtype = torch.bfloat16 if bf16 else torch.float32
         return self.projection.project_outer(g.to(dtype), a.to(dtype)).float()

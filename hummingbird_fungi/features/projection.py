@@ -106,23 +106,25 @@ class DenseSignProjection(GradientProjection):
         return min(step, self.out_dim)
 
     def project_outer(self, g: Tensor, a: Tensor) -> Tensor:
-        """phi[k] = c g^T P3[k] ã per token, as U = P3 ã then a dot with g, in blocks of rows and tokens."""
+        """phi[k] = c g^T P3[k] ã per token: U = P3 a (a GEMM), g . U (a batched matrix-vector product) and the bias
+        column's g . P3[k][:, -1] (a small GEMM), in blocks of rows of P and of tokens; fp32 out."""
         self._check(g, a)
         n = g.shape[0]
-        a_t, g_t = a.to(g.dtype).T.contiguous(), g.T.contiguous()  # (E_in, n), (E_out, n): tokens last
-        out = g.new_empty(self.out_dim, n)
+        a = a.to(g.dtype)
+        out = g.new_empty(n, self.out_dim, dtype=torch.float32)
         step = self._row_step(min(n, self.token_chunk))
         buffer = g.new_empty(step, self.e_out, self.e_in + 1)
         for start in range(0, self.out_dim, step):
             stop = min(start + step, self.out_dim)
             p3 = buffer[:stop - start].copy_(self._rows(start, stop, g.device))  # (k, E_out, E_in + 1)
             weight = p3[..., :-1].reshape(-1, self.e_in)  # (k E_out, E_in), a view
-            bias = p3[..., -1].reshape(-1, 1)  # (k E_out, 1)
+            bias = p3[..., -1]  # (k, E_out)
             for t0 in range(0, n, self.token_chunk):
                 t1 = min(t0 + self.token_chunk, n)
-                u = torch.addmm(bias, weight, a_t[:, t0:t1]).view(stop - start, self.e_out, t1 - t0)  # (k, E_out, t)
-                out[start:stop, t0:t1] = (u * g_t[None, :, t0:t1]).sum(1)  # (k, t)
-        return out.T.contiguous() * self.scale  # (n, out_dim)
+                u = (a[t0:t1] @ weight.T).view(t1 - t0, stop - start, self.e_out)  # (t, k, E_out)
+                dots = torch.bmm(u, g[t0:t1, :, None]).squeeze(-1)  # (t, k)
+                out[t0:t1, start:stop] = torch.addmm(dots, g[t0:t1], bias.T)
+        return out * self.scale  # (n, out_dim)
 
     def project_full(self, G: Tensor) -> Tensor:
         """phi = c P vec(G), chunked over rows of P."""

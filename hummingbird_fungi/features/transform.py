@@ -67,8 +67,15 @@ class FeatureTransform:
                 "whitening %d axes of %d-dimensional features fitted on %d rows: keeping the %d axes they span",
                 dims, width, count, count - 1)
             dims = count - 1
-        pca = Pca.fit(rows, dims, options.whiten, epsilon=options.epsilon)
+        pca = Pca.fit(rows, dims, options.whiten, epsilon=options.epsilon, shrinkage=options.shrinkage)
         return cls(pca, {**transform_identity(options, seed), "fitted_rows": count, "input_dim": width, "dim": dims})
+
+    @classmethod
+    def fit_sample(cls, rows: Tensor, options: TransformOptions, seed: int) -> "FeatureTransform":
+        """Fit on a uniform sample of `options.fit_rows` of raw rows (n, D) in memory, drawn with `seed` as
+        `MemoryBank.sample_features` draws a bank's rows."""
+        ids = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:options.fit_rows]
+        return cls.fit(rows[ids.sort().values].float(), options, seed)
 
     @property
     def dim(self) -> int:

@@ -381,6 +381,16 @@ def build_memory(encoder: Encoder, train_set, *, input_size: tuple[int, int], fe
             bank = build_memory_bank(train_set, extractor, memory, seed, manifest_extra=manifest_extra,
                                      batch_size=data.batch_size, num_workers=data.num_workers, device=device,
                                      non_finite=features.non_finite)
-    if not features.transform.pca:
+    if not features.transform.pca or too_few_rows(bank.count, bank.stored_dim, features.transform):
         return bank, extractor
     return transformed(bank, extractor, feature_transform(bank, features.transform, seed, path, timings))
+
+
+def too_few_rows(rows: int, dim: int, options: TransformOptions) -> bool:
+    """Whether `rows` memory rows of `dim` features are too few to fit the transform on (`min_rows_per_dim`): the
+    transform is then left out, with a warning."""
+    if options.min_rows_per_dim is None or rows >= options.min_rows_per_dim * dim:
+        return False
+    log.warning("features not whitened: %d memory rows of %d features are fewer than features.transform."
+                "min_rows_per_dim=%g per feature", rows, dim, options.min_rows_per_dim)
+    return True

@@ -19,6 +19,7 @@ from hummingbird_fungi.eval.metrics import ConfusionMatrix
 from hummingbird_fungi.features.base import finite_rows
 from hummingbird_fungi.retrieval.transfer import (ExtraCandidates, LabelTransfer, Setting, patch_probs_to_map,
                                                   upsample_argmax)
+from hummingbird_fungi.runtime import timed
 
 
 @dataclass
@@ -47,18 +48,22 @@ class Prediction:
 def predict(batches: Iterable[QueryBatch], transfer: LabelTransfer,
             extractor: Callable[[Tensor], Tensor] | None = None, *, settings: Sequence[Setting] | None = None,
             ignore_index: int | None = None, class_chunk: int = 32, device: torch.device | str = "cpu",
-            extra: ExtraCandidates | None = None, non_finite: str = "error") -> Iterator[Prediction]:
+            extra: ExtraCandidates | None = None, non_finite: str = "error",
+            timings: dict[str, float] | None = None) -> Iterator[Prediction]:
     """Segment (and score) every image of `batches` with `transfer`, one `Prediction` per image in order.
 
     Features come from `extractor` on the batch's images (moved to `device`) unless the batch holds
     them; every (k, temperature) of `settings` (default: the transfer's own) is answered from one
     search; `extra` adds candidates from outside the bank (video propagation). Query patches whose
     features hold NaN or inf are refused, or with `non_finite` 'drop' get zero features and an all-zero
-    distribution (no neighbours).
+    distribution (no neighbours). `timings` adds up seconds of query_features_s, upsample_s and confusion_s
+    (and, through `transfer.timings`, search_s and vote_s).
     """
     settings = list(settings or [transfer.setting])
+    transfer.timings = timings
     for batch in batches:
-        features = batch.features if batch.features is not None else extractor(batch.images.to(device))
+        with timed(timings, "query_features_s"):
+            features = batch.features if batch.features is not None else extractor(batch.images.to(device))
         features = features.detach()
         keys = batch.keys if batch.keys is not None else range(len(batch.sizes))
         keep = finite_rows(features, [f"query {key}" for key in keys], "query feature", non_finite)  # (B, N)
@@ -69,11 +74,13 @@ def predict(batches: Iterable[QueryBatch], transfer: LabelTransfer,
         if dropped:
             voted = {s: p.masked_fill(~keep[..., None].to(p.device), 0.0) for s, p in voted.items()}
         for i, size in enumerate(batch.sizes):
-            masks = {s: upsample_argmax(patch_probs_to_map(p[i], batch.grid), tuple(size), class_chunk)
-                     for s, p in voted.items()}
+            with timed(timings, "upsample_s"):
+                masks = {s: upsample_argmax(patch_probs_to_map(p[i], batch.grid), tuple(size), class_chunk)
+                         for s, p in voted.items()}
             target = None if batch.targets is None else batch.targets[i]
-            confusions = None if target is None else {
-                s: confusion(mask, target, transfer.bank.num_classes, ignore_index) for s, mask in masks.items()}
+            with timed(timings, "confusion_s"):
+                confusions = None if target is None else {
+                    s: confusion(mask, target, transfer.bank.num_classes, ignore_index) for s, mask in masks.items()}
             yield Prediction(key=keys[i], features=features[i],
                              probs=voted[settings[0]][i], masks=masks, confusions=confusions)
 

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import logging
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence, cast, get_args
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hummingbird_fungi.config.schema import RetrievalOptions, TransferOptions
+from hummingbird_fungi.config.schema import RetrievalOptions, Rescore, TransferOptions, rescore_mode
+from hummingbird_fungi.errors import ConfigError
 from hummingbird_fungi.memory.bank import MemoryBank
-from hummingbird_fungi.retrieval.indexes import FaissTrainedIndex, Index, build_index
+from hummingbird_fungi.retrieval.indexes import ExactIndex, FaissTrainedIndex, Index, build_index
+from hummingbird_fungi.runtime import timed
 
 log = logging.getLogger(__name__)
 
 GATHER_ELEMENTS = 1 << 25  # 128 MB of float32 candidate features per re-scoring step
+VOTE_ELEMENTS = 1 << 24  # 64 MB of float32 neighbour soft labels (rows, k, C) per vote step
+NORM_EPS = 1e-12  # F.normalize's floor on a norm: a zero row has cosine 0 with everything
 Setting = tuple[int, float]  # (k, temperature) of one vote
 
 
 class ExtraCandidates(Protocol):
-    """Neighbours from outside the bank (video: propagated frames), merged with the bank's before the vote."""
+    """Neighbours from outside the bank (video: propagated frames), merged with the bank's before the vote; with an
+    `exclusive` attribute that is true they replace the bank's (the bank is not searched)."""
 
     def candidates(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The k best (cosines (n, k), soft labels (n, k, C)) for queries (n, D), or None when there are none."""
@@ -45,24 +50,31 @@ def vote(sims: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.
 class LabelTransfer:
     """Patch features -> class distributions by k-NN retrieval from a memory bank.
 
-    With `rescore` the neighbour weights use cosines recomputed from the bank's stored
-    features (the reference); `rerank` > k asks an approximate index for that many
-    candidates and keeps the k best by exact cosine, read from the (memory-mapped) bank.
+    Neighbour weights use cosines (`rescore`): 'always' recomputes them from the bank's stored
+    features (the reference), 'never' takes the index's scores as they are, and 'auto' (default)
+    recomputes them only when the index's scores are not exact (approximate backends, rows held at
+    lower precision than stored); otherwise the exact index's inner products are divided by the query
+    and row norms, the same cosines without reading the rows back. `rerank` > k asks an approximate index
+    for that many candidates and keeps the k best by exact cosine, read from the (memory-mapped) bank.
     One search answers several (k, temperature) settings (`vote_settings`); extra
     candidates (`ExtraCandidates`, e.g. propagated video frames) join the bank's before the vote.
     """
 
     def __init__(self, bank: MemoryBank, index: Index, k: int = 30, temperature: float = 0.02,
-                 rescore: bool = True, rerank: int = 0) -> None:
+                 rescore: Rescore | bool = "auto", rerank: int = 0) -> None:
         if k > bank.count:
             log.warning("k=%d exceeds the %d rows of the memory bank; using k=%d", k, bank.count, bank.count)
             k = bank.count
+        mode = rescore_mode(rescore)
+        if mode not in get_args(Rescore):
+            raise ConfigError(f"transfer.rescore={rescore!r}: choose one of {', '.join(get_args(Rescore))}")
         self.bank, self.index, self.k, self.temperature = bank, index, k, temperature
-        self.rescore, self.rerank = rescore or rerank > k, min(max(rerank, k), bank.count)
+        self.rescore, self.rerank = mode, min(max(rerank, k), bank.count)
+        self.timings: dict[str, float] | None = None  # when set: seconds of search_s and vote_s (search included)
 
     @classmethod
-    def from_bank(cls, bank: MemoryBank, backend: str = "torch", k: int = 30, temperature: float = 0.02,
-                  rescore: bool = True, rerank: int = 0, **options) -> "LabelTransfer":
+    def from_bank(cls, bank: MemoryBank, backend: str = "exact", k: int = 30, temperature: float = 0.02,
+                  rescore: Rescore | bool = "auto", rerank: int = 0, **options: Any) -> "LabelTransfer":
         """Index `bank` block by block with `backend` (trained indexes first fit a uniform sample), then wrap it."""
         index = build_index(backend, bank.dim, **options)
         if isinstance(index, FaissTrainedIndex) and bank.count > index.train_size:
@@ -81,6 +93,12 @@ class LabelTransfer:
                              rescore=transfer.rescore, rerank=transfer.rerank, **retrieval.options)
 
     @property
+    def regathers(self) -> bool:
+        """Whether neighbour cosines are recomputed from the bank's stored rows (`rescore`, `rerank`)."""
+        return self.rescore == "always" or self.rerank > self.k or (
+            self.rescore == "auto" and not self.index.exact_scores)
+
+    @property
     def setting(self) -> Setting:
         """This transfer's own (k, temperature)."""
         return self.k, self.temperature
@@ -88,7 +106,8 @@ class LabelTransfer:
     def neighbours(self, flat: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, D) queries -> similarities (n, k) (-inf where the index found none) and row ids (n, k)."""
         k = self.k if k is None else min(k, self.bank.count)
-        scores, ids = self.index.search(flat, max(self.rerank, k))  # (n, k') with k' >= k
+        with timed(self.timings, "search_s"):
+            scores, ids = self.index.search(flat, max(self.rerank, k))  # (n, k') with k' >= k
         return self.refine(flat, scores, ids, k)
 
     def refine(self, flat: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor,
@@ -103,11 +122,15 @@ class LabelTransfer:
 
     def _best(self, flat: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor,
               k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rescore candidates (n, k') of queries (n, D) from the bank and keep the k best."""
+        """Cosines of candidates (n, k') of queries (n, D) as `rescore` says, and the k best."""
         missing = ids < 0
         ids = ids.clamp_min(0)
-        if self.rescore:
+        if self.regathers:
             scores = cosine_similarities(flat, self.bank.gather_features(ids))
+        elif self.rescore == "auto":  # exact inner products over the norms: the same cosines, no rows read
+            row_norms = cast(ExactIndex, self.index).row_norms()[ids]  # (n, k')
+            norms = flat.norm(dim=1, keepdim=True).clamp_min(NORM_EPS) * row_norms.clamp_min(NORM_EPS)
+            scores = scores / norms
         scores = scores.masked_fill(missing, float("-inf"))
         if scores.shape[1] > k:
             scores, order = scores.topk(k, dim=1)
@@ -118,6 +141,8 @@ class LabelTransfer:
                    extra: ExtraCandidates | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The k best neighbours of queries (n, D): cosines (n, k) and soft labels (n, k, C), `extra`'s merged in."""
         k = self.k if k is None else k
+        if getattr(extra, "exclusive", False):
+            return extra.candidates(flat, k)
         sims, ids = self.neighbours(flat, k)
         labels = self.bank.gather_labels(ids)  # (n, k, C)
         more = None if extra is None else extra.candidates(flat, k)
@@ -130,19 +155,31 @@ class LabelTransfer:
     def vote_settings(self, features: torch.Tensor, settings: Sequence[Setting] | None = None,
                       extra: ExtraCandidates | None = None) -> dict[Setting, torch.Tensor]:
         """(B, N, D) query features -> {(k, T): (B, N, C) class distributions}, every setting from one search
-        of the largest k (default: this transfer's own setting)."""
+        of the largest k (default: this transfer's own setting).
+
+        Without `extra` the B*N queries go through search, soft-label gather and vote in steps of at most
+        VOTE_ELEMENTS gathered label values, so memory stays flat in the number of queries (`extra` may
+        depend on the query positions, so it sees all of them at once)."""
         settings = list(settings or [self.setting])
         batch, num, dim = features.shape
         flat = features.reshape(-1, dim).float().cpu()
         widest = min(max(k for k, _ in settings), self.bank.count)
-        sims, labels = self.candidates(flat, widest, extra)
-        out = {}
-        for k, temperature in settings:
-            top_sims, top_labels = sims, labels
-            if min(k, self.bank.count) < sims.shape[1]:  # the k best of the widest answer
-                top_sims, order = sims.topk(k, dim=1)
-                top_labels = torch.gather(labels, 1, order[..., None].expand(-1, -1, labels.shape[-1]))
-            out[(k, temperature)] = vote(top_sims, top_labels, temperature).reshape(batch, num, -1)
+        step = len(flat) if extra is not None else max(1, VOTE_ELEMENTS // (widest * self.bank.num_classes))
+        parts = [self._vote_rows(flat[i:i + step], settings, widest, extra) for i in range(0, len(flat), step)]
+        return {s: torch.cat([part[s] for part in parts]).reshape(batch, num, -1) for s in settings}
+
+    def _vote_rows(self, flat: torch.Tensor, settings: Sequence[Setting], widest: int,
+                   extra: ExtraCandidates | None) -> dict[Setting, torch.Tensor]:
+        """Queries (n, D) -> {(k, T): (n, C)} from one search of `widest` neighbours."""
+        with timed(self.timings, "vote_s"):
+            sims, labels = self.candidates(flat, widest, extra)
+            out = {}
+            for k, temperature in settings:
+                top_sims, top_labels = sims, labels
+                if min(k, self.bank.count) < sims.shape[1]:  # the k best of the widest answer
+                    top_sims, order = sims.topk(k, dim=1)
+                    top_labels = torch.gather(labels, 1, order[..., None].expand(-1, -1, labels.shape[-1]))
+                out[(k, temperature)] = vote(top_sims, top_labels, temperature)
         return out
 
     def __call__(self, features: torch.Tensor, extra: ExtraCandidates | None = None) -> torch.Tensor:

@@ -13,7 +13,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,6 @@ from hummingbird_fungi.config.schema import (
     FeatureOptions,
     MemoryOptions,
     RetrievalOptions,
-    SupportOptions,
     TransferOptions,
 )
 from hummingbird_fungi.data.custom import as_image, as_mask as as_id_map
@@ -43,6 +42,8 @@ from hummingbird_fungi.models.factory import create_encoder
 from hummingbird_fungi.retrieval.predict import Prediction, QueryBatch, predict
 from hummingbird_fungi.retrieval.transfer import ExtraCandidates, LabelTransfer, patch_probs_to_map, upsample_probs
 from hummingbird_fungi.runtime import resolve_device, timed
+from hummingbird_fungi.segment.defaults import (SEGMENT_DATA, SEGMENT_FEATURES, SEGMENT_MEMORY, SEGMENT_RETRIEVAL,
+                                                SEGMENT_TRANSFER)
 from hummingbird_fungi.segment.visualize import palette as class_palette
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,8 @@ log = logging.getLogger(__name__)
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 MaskInput = str | os.PathLike | Image.Image | np.ndarray
 DEFAULT_LONG_SIDE = 448
-# what a user's examples fill by default: every patch, one clean pass, void pixels left out of the soft labels
-SEGMENT_MEMORY = MemoryOptions(size=None, augment=False, void="ignore")
-SEGMENT_DATA = DataOptions(normalize="imagenet", num_workers=0)
-SEGMENT_FEATURES = FeatureOptions(support=SupportOptions(size=None))  # FUNGI negatives: every example patch
+Sections = tuple[FeatureOptions, RetrievalOptions, TransferOptions]
+Tuner = Callable[..., tuple[Sections, dict[str, Any]]]  # examples, encoder, sections... -> tuned sections, record
 VOC_VOID = 255
 MAX_INFERRED_CLASSES = 1024  # an inferred class count above this is a void id taken for a class
 
@@ -198,6 +197,7 @@ class InContextSegmenter:
         with timed(self.timings, "build_index_s"):
             self.transfer = LabelTransfer.from_options(bank, self.retrieval, self.transfer_options)
         self._transforms: dict[tuple[int, int], EvalTransform] = {}
+        self.tuning: dict[str, Any] | None = None  # how `from_examples(tune=...)` chose the settings
 
     # ----------------------------------------------------------------- construction
 
@@ -211,7 +211,8 @@ class InContextSegmenter:
                       num_classes: int | None = None, ignore_index: int | None = None,
                       class_names: Sequence[str] | None = None, palette: Sequence[Sequence[int]] | None = None,
                       dataset_yaml: str | Path | None = None, device: str = "auto", seed: int = 0,
-                      match_orientation: bool = True) -> "InContextSegmenter":
+                      match_orientation: bool = True, tune: Tuner | None = None
+                      ) -> "InContextSegmenter":
         """Build the memory bank from annotated examples (paths, PIL images or arrays) held in RAM.
 
         Masks hold class ids. The label space is `num_classes`, `ignore_index`, `class_names` (and
@@ -222,10 +223,12 @@ class InContextSegmenter:
         examples' median aspect. The option sections are those of `evaluate`; their defaults here are
         a user's (SEGMENT_MEMORY: every patch, no augmentation; SEGMENT_DATA: ImageNet normalisation).
         `backbone` is a name or any model `create_encoder` takes; `palette` ([r, g, b] per class) colours
-        the written masks and overlays.
+        the written masks and overlays. `tune` (e.g. `eval.tune.ExampleTuner()`) picks the features, k and
+        temperature on the examples themselves (held out one at a time) before the bank is built; it returns
+        the three sections and a record of its choice, kept in `tuning` (and `describe`).
         """
         features, memory = features or SEGMENT_FEATURES, memory or SEGMENT_MEMORY
-        data = data or SEGMENT_DATA
+        data, retrieval, transfer = data or SEGMENT_DATA, retrieval or SEGMENT_RETRIEVAL, transfer or SEGMENT_TRANSFER
         if len(images) != len(masks) or not images:
             raise DataError(f"need the same positive number of example images and masks, "
                             f"got {len(images)} and {len(masks)}")
@@ -264,15 +267,23 @@ class InContextSegmenter:
                   "pretrained": net.weights_id != "random",
                   "backbone_kwargs": dict(backbone_kwargs or {}), "normalize": data.normalize,
                   "ignore_index": ignore_index, "seed": seed}
+        examples, tuning = ExampleSet(pictures, labels, names, info, seed), None
+        if tune is not None:
+            with timed(timings, "tune_s"):
+                (features, retrieval, transfer), tuning = tune(
+                    examples, net, input_size=size, features=features, memory=memory, retrieval=retrieval,
+                    transfer=transfer, data=data, device=device_, seed=seed)
         log.info("building a memory bank from %d examples at input %dx%d (H x W), %d classes, %s features",
                  len(pictures), size[0], size[1], num_classes, features.kind)
-        bank, extractor = build_memory(net, ExampleSet(pictures, labels, names, info, seed), input_size=size,
+        bank, extractor = build_memory(net, examples, input_size=size,
                                        features=features, memory=memory, data=data, device=device_,
                                        seed=seed, timings=timings,
                                        manifest_extra={"segmenter": record, "palette": palette})
-        return cls(extractor, bank, size, normalize=data.normalize, retrieval=retrieval, transfer=transfer,
-                   match_orientation=match_orientation, device=device_, timings=timings,
-                   non_finite=features.non_finite)
+        segmenter = cls(extractor, bank, size, normalize=data.normalize, retrieval=retrieval, transfer=transfer,
+                        match_orientation=match_orientation, device=device_, timings=timings,
+                        non_finite=features.non_finite)
+        segmenter.tuning = tuning
+        return segmenter
 
     @classmethod
     def from_memory(cls, path: str | Path, backbone: Any = None, *, weights: str | Path | None = None,
@@ -367,7 +378,8 @@ class InContextSegmenter:
                 "input_size": list(self.input_size), "match_orientation": self.match_orientation,
                 **self.settings, "memory_rows": self.bank.count, "num_classes": self.num_classes,
                 "class_names": self.class_names, "ignore_index": self.ignore_index,
-                "num_examples": self.bank.manifest.get("num_images")}
+                "num_examples": self.bank.manifest.get("num_images"),
+                **({"tuning": self.tuning} if self.tuning is not None else {})}
 
     # ----------------------------------------------------------------- prediction
 
