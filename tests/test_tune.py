@@ -153,3 +153,31 @@ def test_segment_tune_flag_records_the_choice(toy_dataset, tmp_path, capsys):
     assert (summary["segmenter"]["k"], summary["segmenter"]["temperature"]) == (tuning["best"]["k"],
                                                                                 tuning["best"]["temperature"])
     assert main([*cli[:-2], "--memory", str(tmp_path), "--tune"]) == 2
+
+
+def test_defaults_by_audience(tmp_path):
+    """Benchmarks keep the reference's raw embeddings, k=30, T=0.02; a user's segment gets whitened FUNGI (with
+    shrinkage and the row guard) and video --frames raw FUNGI; flags win."""
+    from hummingbird_fungi.cli.main import build_parser
+    from hummingbird_fungi.cli.segment import segmenter_options, video_segmenter_options
+    from hummingbird_fungi.config.loader import load_config
+    from hummingbird_fungi.segment.video import video_protocol
+
+    bench = load_config("camvid_dinov2_vits14")
+    assert (bench.features.kind, bench.features.transform.pca, bench.retrieval.k, bench.transfer.temperature) == (
+        "embeddings", False, 30, 0.02)
+    parse = build_parser().parse_args
+    seg = segmenter_options(parse(["segment", "--examples", "e", "--images", "i", "--out", "o"]))
+    transform = seg["features"].transform
+    assert (seg["features"].kind, transform.pca, transform.shrinkage, transform.min_rows_per_dim) == (
+        "fungi", True, "ledoit_wolf", 10)
+    assert (seg["retrieval"].k, seg["transfer"].temperature) == (30, 0.02)
+    forced = segmenter_options(parse(["segment", "--examples", "e", "--images", "i", "--out", "o", "--whiten"]))
+    assert forced["features"].transform.min_rows_per_dim is None  # --whiten: whatever the row count
+    frames = parse(["video", "--frames", "f", "--masks", "m", "--out", "o"])
+    davis = parse(["video", "--davis", "d", "--out", "o"])
+    first, dino = video_protocol("first"), video_protocol("dino")
+    user, bench_video = video_segmenter_options(frames, first), video_segmenter_options(davis, dino)
+    assert (user["features"].kind, user["features"].transform.pca) == ("fungi", False)
+    assert (bench_video["features"].kind, bench_video["features"].transform.pca) == ("embeddings", False)
+    assert (bench_video["retrieval"].k, bench_video["transfer"].temperature) == (5, 0.1)

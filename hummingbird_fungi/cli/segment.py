@@ -18,7 +18,7 @@ from hummingbird_fungi.config.typed import Check, at_least, positive
 from hummingbird_fungi.errors import ConfigError, DataError
 from hummingbird_fungi.segment import defaults
 from hummingbird_fungi.segment.defaults import (MIN_ROWS_PER_DIM, SEGMENT_DATA, SEGMENT_KIND, SEGMENT_MEMORY,
-                                                SEGMENT_RETRIEVAL, SEGMENT_TRANSFER, SEGMENT_WHITEN)
+                                                SEGMENT_RETRIEVAL, SEGMENT_TRANSFER, SEGMENT_WHITEN, VIDEO_WHITEN)
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="FUNGI option, e.g. negatives=support (repeatable)")
     parser.add_argument("--whiten", action=argparse.BooleanOptionalAction,
                         help="whiten the features with a PCA fitted on the example patches (features.transform; "
-                             f"default {'on' if SEGMENT_WHITEN else 'off'} when the examples give at least "
-                             f"{MIN_ROWS_PER_DIM:g} patches per feature; --whiten: whatever their number)")
+                             f"default for segment and demo {'on' if SEGMENT_WHITEN else 'off'} when the examples "
+                             f"give at least {MIN_ROWS_PER_DIM:g} patches per feature, for video "
+                             f"{'on' if VIDEO_WHITEN else 'off'}; --whiten: whatever their number)")
     parser.add_argument("--whiten-dims", type=checked(int, at_least(1)), metavar="N",
                         help="with --whiten: keep the N axes of largest variance (default: every axis)")
     parser.add_argument("--input-size", type=checked(input_size, positive),
@@ -371,10 +372,11 @@ def protocol_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def video_features(args: argparse.Namespace) -> FeatureOptions:
     """The video command's default features: a user's (VIDEO_FEATURES) for --frames; for --davis (a benchmark) raw
-    features unless --whiten."""
+    embeddings, as `davis_evaluation`, unless --features or --whiten say otherwise."""
     video = defaults.VIDEO_FEATURES
-    return video if args.davis is None else dataclasses.replace(video, transform=dataclasses.replace(video.transform,
-                                                                                                     pca=False))
+    if args.davis is None:
+        return video
+    return FeatureOptions(support=video.support, transform=dataclasses.replace(video.transform, pca=False))
 
 
 def video_segmenter_options(args: argparse.Namespace, protocol: Any) -> dict[str, Any]:

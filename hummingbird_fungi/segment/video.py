@@ -55,7 +55,7 @@ from hummingbird_fungi.models.factory import create_encoder
 from hummingbird_fungi.registry import Registry
 from hummingbird_fungi.retrieval.predict import QueryBatch, predict
 from hummingbird_fungi.runtime import resolve_device, versions
-from hummingbird_fungi.segment.defaults import SEGMENT_FEATURES
+from hummingbird_fungi.segment.defaults import VIDEO_FEATURES
 from hummingbird_fungi.segment.folders import Failure, list_images, masks_by_stem, read_ground_truth, write_mask
 from hummingbird_fungi.segment.segmenter import InContextSegmenter
 from hummingbird_fungi.segment.visualize import overlay, overlay_with_legend, thumbnail
@@ -430,13 +430,15 @@ def clip_segmenters(files: Sequence[Path], annotated: dict[str, Path], protocols
                     whiten_on: WhitenOn = "examples", **options: Any
                     ) -> tuple[list[InContextSegmenter], TransformOptions | None]:
     """One segmenter per protocol, built from the annotated frames at the protocol's input size (an `input_size`
-    option wins); protocols of one input size share it, and the encoder is loaded once. With `whiten_on="clip"`
+    option wins; features default to VIDEO_FEATURES); protocols of one input size share it, and the encoder is
+    loaded once. With `whiten_on="clip"`
     a feature transform of the options is not fitted on the annotated frames: the segmenters hold raw features
     and its options are returned, for `clip_transformed` once the clip's features are extracted."""
-    features = options.get("features") or SEGMENT_FEATURES
+    features = options.get("features") or VIDEO_FEATURES
     refit = features.transform if whiten_on == "clip" and features.transform.pca else None
     if refit is not None:
-        options = {**options, "features": dataclasses.replace(features, transform=TransformOptions(pca=False))}
+        features = dataclasses.replace(features, transform=TransformOptions(pca=False))
+    options = {**options, "features": features}
     encoder = video_encoder(options)
     frame = header_size(files[0], "frame", orient=True)
     sizes = [options.get("input_size") or (None if p.resolution is None else
