@@ -21,10 +21,10 @@ SEGMENT_RETRIEVAL = RetrievalOptions(k=30)
 SEGMENT_TRANSFER = TransferOptions(temperature=0.02)
 # FUNGI (the encoder's default gradient layer) whitened by a PCA fitted on the examples' patches, with Ledoit-Wolf
 # shrinkage; FUNGI negatives, when asked for: every example patch. VIDEO_FEATURES (`video --frames`): the same
-# FUNGI, not whitened: on DAVIS's first frames whitening cut J&F from 54.6 to 33.9 fitted on the first frame and to
-# 34.1 fitted on every frame of the clip (`video --davis` and `davis_evaluation` keep raw embeddings). Both are
-# built on first use, as checking a feature kind imports the feature registry and torch; the command line's help
-# reads the plain values here.
+# FUNGI, not whitened: on DAVIS's first frames whitening cut the embeddings' J&F from 54.6 to 33.9 fitted on the
+# first frame and to 34.1 fitted on every frame of the clip, FUNGI's from 57.9 to 25.0 and 32.8 (`video --davis`
+# and `davis_evaluation` keep raw embeddings). Both are built on first use, as checking a feature kind imports the
+# feature registry and torch; the command line's help reads the plain values here.
 SEGMENT_KIND, SEGMENT_WHITEN, VIDEO_WHITEN = "fungi", True, False
 # whitening needs rows: fitted on one DAVIS frame (576 rows of 384 features) it cut first-frame J&F from 54.6 to 33.9
 # even with shrinkage, fitted on 20 CamVid examples (15,360 rows of 768) it helped; 10 rows per feature lies between
