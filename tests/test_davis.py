@@ -212,12 +212,12 @@ def write_davis(root: Path, frames: int = 6) -> Path:
 def test_davis_folder_with_two_protocols_from_one_extraction(tmp_path, monkeypatch, capsys):
     """Every frame's mask is written per protocol and sequence; frames 1..N-2 are scored, per object; one feature
     extraction per sequence serves both protocols (same input size); the table is printed and written."""
-    import hummingbird_fungi.eval.davis as davis
+    import hummingbird_fungi.segment.video as video
 
     root = write_davis(tmp_path / "davis")
     calls = []
-    extract = davis.extract_clip
-    monkeypatch.setattr(davis, "extract_clip", lambda *args, **kwargs: calls.append(1) or extract(*args, **kwargs))
+    extract = video.extract_clip
+    monkeypatch.setattr(video, "extract_clip", lambda *args, **kwargs: calls.append(1) or extract(*args, **kwargs))
     out = tmp_path / "out"
     assert main(["video", "--davis", str(root), "--out", str(out), "--protocol", "first", "dino",
                  "--resolution", "128", *TINY]) == 0

@@ -125,11 +125,12 @@ def compare_runs(runs: dict[str, tuple[np.ndarray, np.ndarray]], n_resamples: in
 def format_comparison(rows: list[dict[str, Any]], level: float = 0.95) -> str:
     """The rows of `compare_runs` as a table: mIoU, difference to the first run and its interval ('*': excludes 0)."""
     width = max(len(row["run"]) for row in rows)
-    lines = [f"{'run':<{width}}  {'mIoU':>6}  {'diff':>6}  {round(100 * level)}% interval (vs {rows[0]['run']})"]
+    lines = [f"{'run':<{width}}  {'mIoU':>6}  {'diff':>6}  {round(100 * level)}% interval (vs {rows[0]['run']})",
+             f"{rows[0]['run']:<{width}}  {100 * rows[0]['miou']:6.2f}"]
     for row in rows[1:]:
         lines.append(f"{row['run']:<{width}}  {100 * row['miou']:6.2f}  {100 * row['difference']:+6.2f}  "
                      f"[{100 * row['low']:+.2f}, {100 * row['high']:+.2f}]{' *' if row['excludes_zero'] else ''}")
-    return "\n".join([lines[0], f"{rows[0]['run']:<{width}}  {100 * rows[0]['miou']:6.2f}", *lines[1:]])
+    return "\n".join(lines)
 
 
 def _draws(n: int, n_resamples: int, seed: int, indices: np.ndarray | None, level: float) -> np.ndarray:

@@ -25,8 +25,8 @@ from hummingbird_fungi.models.factory import create_encoder
 from hummingbird_fungi.runtime import versions
 from hummingbird_fungi.segment.folders import Failure
 from hummingbird_fungi.segment.segmenter import InContextSegmenter
-from hummingbird_fungi.segment.video import (ClipFeatures, VideoProtocol, WhitenOn, clip_segmenters, clip_transformed,
-                                             extract_clip, segment_clip, video_encoder, video_inputs, video_protocol)
+from hummingbird_fungi.segment.video import (ClipFeatures, VideoProtocol, WhitenOn, clip_features, clip_segmenters,
+                                             segment_clip, video_encoder, video_inputs, video_protocol)
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +100,8 @@ def run_davis(root: str | Path, out: str | Path, protocols: Mapping[str, VideoPr
         for (name, protocol), built in zip(protocols.items(), segmenters):
             if id(built) not in extracted:  # one extraction (and clip transform) per input size
                 failed: list[Failure] = []
-                clip, fitted = extract_clip(built, files, batch_size, failed), built
-                if refit is not None:
-                    fitted, clip = clip_transformed(built, clip, refit, options.get("seed", 0))
-                extracted[id(built)] = fitted, clip, failed
+                extracted[id(built)] = (*clip_features(built, files, batch_size, failed, refit,
+                                                       options.get("seed", 0)), failed)
             segmenter, clip, failed = extracted[id(built)]
             where = out / name / sequence if len(protocols) > 1 else out / sequence
             video = segment_clip(segmenter, files, first, truth, where, protocol, clip, failed, overlays=False)

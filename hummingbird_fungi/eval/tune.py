@@ -33,7 +33,7 @@ from hummingbird_fungi.data.segmentation import SegmentationDataset, collate
 from hummingbird_fungi.data.transforms import EvalTransform
 from hummingbird_fungi.errors import ConfigError, DataError
 from hummingbird_fungi.eval.bootstrap import compare, dataset_miou, resample_indices
-from hummingbird_fungi.eval.hbird import config_dataset
+from hummingbird_fungi.eval.hbird import prepare_run
 from hummingbird_fungi.eval.study import predict_rows
 from hummingbird_fungi.fileio import write_atomic
 from hummingbird_fungi.features.fungi_patch import FungiPatchFeatures, combine
@@ -41,9 +41,7 @@ from hummingbird_fungi.features.transform import FeatureTransform
 from hummingbird_fungi.memory.build import too_few_rows
 from hummingbird_fungi.memory.labels import bank_patches, patches_per_image, patchify_labels, soft_labels
 from hummingbird_fungi.models.encoders import Encoder
-from hummingbird_fungi.models.factory import create_encoder
 from hummingbird_fungi.retrieval.transfer import Setting
-from hummingbird_fungi.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -276,14 +274,10 @@ class ExampleTuner:
 
 def tune(config: HbirdConfig, options: TuneOptions | None = None) -> Tuning:
     """Tune `config` on folds of its memory split (`data.train_split`; the evaluation split is never read)."""
-    options = options or TuneOptions()
-    device = resolve_device(config.device)
-    model = config.model
-    encoder = create_encoder(model.name, weights=model.weights, pretrained=model.pretrained, device=device,
-                             seed=config.seed)
-    return tune_dataset(config_dataset(config, "train"), encoder, input_size=encoder.input_size(model.input_size),
+    train, encoder, device = prepare_run(config, None, {})
+    return tune_dataset(train, encoder, input_size=encoder.input_size(config.model.input_size),
                         features=config.features, memory=config.memory, retrieval=config.retrieval,
-                        transfer=config.transfer, data=config.data, options=options, device=device,
+                        transfer=config.transfer, data=config.data, options=options or TuneOptions(), device=device,
                         seed=config.seed)
 
 

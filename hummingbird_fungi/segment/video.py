@@ -53,6 +53,7 @@ from hummingbird_fungi.memory.labels import patchify_labels, soft_labels
 from hummingbird_fungi.models.encoders import Encoder
 from hummingbird_fungi.models.factory import create_encoder
 from hummingbird_fungi.registry import Registry
+from hummingbird_fungi.retrieval.indexes import merge_topk
 from hummingbird_fungi.retrieval.predict import QueryBatch, predict
 from hummingbird_fungi.runtime import resolve_device, versions
 from hummingbird_fungi.segment.defaults import VIDEO_FEATURES
@@ -245,17 +246,16 @@ class VideoContext:
         if not parts:
             return None
         query = F.normalize(query.float(), dim=-1)
-        sims, labels = [], []
-        for features, probs, allowed in parts:  # the k best of each frame, then of all
+        best, offset = None, 0
+        for features, _, allowed in parts:  # the k best of each frame, merged into a running top-k
             cosine = query @ features.T  # (N, N)
             if allowed is not None:
                 cosine = cosine.masked_fill(~allowed, float("-inf"))
-            best, ids = cosine.topk(min(k, cosine.shape[1]), dim=1)
-            sims.append(best)
-            labels.append(probs[ids])  # (N, k, C)
-        best, order = torch.cat(sims, dim=1).topk(min(k, sum(s.shape[1] for s in sims)), dim=1)
-        merged = torch.cat(labels, dim=1)
-        return best, torch.gather(merged, 1, order[..., None].expand(-1, -1, merged.shape[-1]))
+            top, ids = cosine.topk(min(k, cosine.shape[1]), dim=1)
+            best = merge_topk(best, (top, ids + offset), k)
+            offset += len(features)
+        scores, ids = best
+        return scores, torch.cat([labels for _, labels, _ in parts])[ids]  # (N, k), (N, k, C)
 
 
 def anchor_labels(mask: np.ndarray, grid: tuple[int, int], input_size: tuple[int, int], num_classes: int,
@@ -450,6 +450,14 @@ def clip_segmenters(files: Sequence[Path], annotated: dict[str, Path], protocols
     return [built[size] for size in sizes], refit
 
 
+def clip_features(segmenter: InContextSegmenter, files: Sequence[Path], batch_size: int, failed: list[Failure],
+                  refit: TransformOptions | None, seed: int = 0) -> tuple[InContextSegmenter, ClipFeatures]:
+    """The clip's features (`extract_clip`) and the segmenter that uses them: with `refit` (from `clip_segmenters`)
+    both go through a transform fitted on those features (`clip_transformed`)."""
+    clip = extract_clip(segmenter, files, batch_size, failed)
+    return (segmenter, clip) if refit is None else clip_transformed(segmenter, clip, refit, seed)
+
+
 def clip_transformed(segmenter: InContextSegmenter, clip: ClipFeatures, options: TransformOptions, seed: int = 0
                      ) -> tuple[InContextSegmenter, ClipFeatures]:
     """`segmenter` (raw features) and `clip` through a transform of `options` fitted on a seeded sample of the patch
@@ -487,9 +495,7 @@ def run_video(frames: str | Path, masks: str | Path, out: str | Path, annotate: 
     log.info("%d frames, %d annotated, %d to score; protocol %s", len(files), len(annotated), len(truth), name)
     [segmenter], refit = clip_segmenters(files, annotated, [protocol], whiten_on, **options)
     failed: list[Failure] = []
-    features = extract_clip(segmenter, files, batch_size, failed)
-    if refit is not None:
-        segmenter, features = clip_transformed(segmenter, features, refit, options.get("seed", 0))
+    segmenter, features = clip_features(segmenter, files, batch_size, failed, refit, options.get("seed", 0))
     clip = segment_clip(segmenter, files, annotated, truth, out, protocol, features, failed)
     summary = {"frames": str(frames), "masks": str(masks), "annotate": annotate, "protocol": name,
                "protocol_options": protocol.to_dict(), "whiten_on": whiten_on, "annotated": sorted(annotated),
