@@ -43,6 +43,30 @@ def autocast(mode: str, device: torch.device) -> contextlib.AbstractContextManag
     return contextlib.nullcontext()
 
 
+def native_bf16_matmul(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices natively (faster than fp32): CUDA GPUs of compute capability 8.0
+    or newer, and CPUs with AMX tiles."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+@contextlib.contextmanager
+def bf16_matmuls(device: torch.device) -> Iterator[None]:
+    """Inside the block, fp32 matmuls on a CPU take bf16 inputs and accumulate in fp32 (oneDNN's fp32 math mode,
+    `torch.backends.mkldnn.matmul.fp32_precision`, a process-wide setting restored on exit); a no-op on other
+    devices and where torch lacks the setting."""
+    mode = getattr(torch.backends.mkldnn, "matmul", None)
+    if device.type != "cpu" or not hasattr(mode, "fp32_precision"):
+        yield
+        return
+    previous, mode.fp32_precision = mode.fp32_precision, "bf16"
+    try:
+        yield
+    finally:
+        mode.fp32_precision = previous
+
+
 def derived_seed(*keys: int) -> int:
     """A well-mixed 63-bit seed from integer keys, e.g. (seed, epoch, image index) or (seed, chunk)."""
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)

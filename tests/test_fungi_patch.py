@@ -106,7 +106,7 @@ def naive_features(ext: FungiPatchFeatures, images: torch.Tensor, support: torch
 @pytest.mark.parametrize("reg_tokens", [0, 2])
 def test_fast_path_equals_naive_per_token_gradients(reg_tokens: int, layer: str | None, images) -> None:
     tiny = tiny_backbone(reg_tokens=reg_tokens)
-    ext = FungiPatchFeatures(tiny, projection="dense", head_dim=8, layer=layer)
+    ext = FungiPatchFeatures(tiny, projection="dense", head_dim=8, layer=layer, gradient_dtype="float32")
     assert ext.layer_path == (layer or "blocks.-1.attn.qkv")
     fast, naive = ext(images), naive_features(ext, images)
     assert fast.shape == naive.shape == (3, 24, 64) and ext.dim == 64
@@ -139,7 +139,8 @@ def dino_reference(ext: FungiPatchFeatures, images: torch.Tensor, z: torch.Tenso
 
 @pytest.mark.parametrize("objective", ["kl", "dino"])
 def test_patch_objectives_equal_naive_per_token_gradients(objective: str, backbone, images) -> None:
-    ext = FungiPatchFeatures(backbone, projection="dense", head_dim=8, objective=objective, kl_temperature=2.0)
+    ext = FungiPatchFeatures(backbone, projection="dense", head_dim=8, objective=objective, kl_temperature=2.0,
+                            gradient_dtype="float32")
     loss_of = ((lambda z: kl_reference(z, 2.0)) if objective == "kl"
                else (lambda z: dino_reference(ext, images, z)))
     fast, naive = ext(images), naive_features(ext, images, loss_of=loss_of)
@@ -158,7 +159,8 @@ def test_negatives_need_the_infonce_objective(backbone) -> None:
 def test_fast_path_equals_naive_with_support_negatives(negatives: str, backbone, images) -> None:
     with torch.no_grad():
         support = F.normalize(backbone(torch.randn(4, 3, 32, 48)).reshape(-1, 32), dim=-1)  # (96, E)
-    ext = FungiPatchFeatures(backbone, projection="dense", negatives=negatives, neg_k=3, n_neg=2, neg_seed=4)
+    ext = FungiPatchFeatures(backbone, projection="dense", negatives=negatives, neg_k=3, n_neg=2, neg_seed=4,
+                            gradient_dtype="float32")
     ext.set_support(support)
     fast, naive = ext(images), naive_features(ext, images, support)
     assert F.cosine_similarity(fast[..., 32:], naive[..., 32:], dim=-1).min() > 0.9999
@@ -226,12 +228,32 @@ def test_bf16_autocast_runs_in_bf16_and_stays_finite_and_close(backbone, images,
     """autocast='bf16' (on CPU too): the backbone's linear layers and the gradient projection compute in bfloat16
     (the dtypes seen inside), the features come back float32, finite and close to the fp32 path, not equal."""
     half, inside = dtypes_seen(FungiPatchFeatures(backbone, projection=projection, autocast="bf16"), images)
-    full, fp32 = dtypes_seen(FungiPatchFeatures(backbone, projection=projection, autocast="off"), images)
+    full, fp32 = dtypes_seen(FungiPatchFeatures(backbone, projection=projection, autocast="off",
+                                                gradient_dtype="float32"), images)
     assert inside == {"layer": {torch.bfloat16}, "projected": {torch.bfloat16}}
     assert fp32 == {"layer": {torch.float32}, "projected": {torch.float32}}
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert F.cosine_similarity(half[..., 32:], full[..., 32:], dim=-1).min() > 0.999
     assert not torch.equal(half, full)  # bf16 rounding shows
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_gradient_dtype_follows_native_bf16_matmuls(backbone, images, amx: bool, monkeypatch) -> None:
+    """gradient_dtype=auto on a CPU with AMX tiles (native bf16 matmuls): the backward after the layer runs in
+    oneDNN's bf16 math mode and the projection in bf16; without AMX both stay fp32; the forward is fp32 either way
+    and the math mode is restored after the call."""
+    matmul = torch.backends.mkldnn.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no oneDNN fp32 math mode")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    before, modes = matmul.fp32_precision, set()
+    handle = backbone.model.norm.register_full_backward_hook(lambda *args: modes.add(matmul.fp32_precision))
+    try:
+        _, inside = dtypes_seen(FungiPatchFeatures(backbone, autocast="off"), images)
+    finally:
+        handle.remove()
+    assert inside == {"layer": {torch.float32}, "projected": {torch.bfloat16 if amx else torch.float32}}
+    assert modes == {"bf16" if amx else before} and matmul.fp32_precision == before
 
 
 def test_grad_weight_zero_gives_embeddings(backbone, images) -> None:

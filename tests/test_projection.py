@@ -86,8 +86,8 @@ def test_dense_blocking_and_cache_do_not_change_result(grads, monkeypatch) -> No
 def test_structured_is_rank_r_matrix(grads) -> None:
     g, a = grads
     proj = StructuredProjection(OUT, E_OUT, E_IN, seed=0, rank=3)
-    u = proj.u.T.reshape(OUT, 3, E_OUT)  # (out, R, E_out)
-    v = proj.v.T.reshape(OUT, 3, E_IN + 1)
+    u = proj.u.T.reshape(3, OUT, E_OUT).transpose(0, 1)  # (out, R, E_out); stored rank-major
+    v = proj.v.T.reshape(3, OUT, E_IN + 1).transpose(0, 1)
     matrix = torch.einsum("kri,krj->kij", u, v).reshape(OUT, -1) / math.sqrt(OUT * 3)
     torch.testing.assert_close(proj.project_outer(g, a), outer(g, a).reshape(7, -1) @ matrix.T,
                                rtol=1e-5, atol=1e-5)

@@ -8,9 +8,11 @@ this process), once per variant, each in its own process:
 
 * `plain`: patch embeddings;
 * `fungi`: patch FUNGI at its defaults;
-* `paper`: the FUNGI paper's recipe: dense projection, support negatives, gradient at attn.proj, the
-  projection's matmuls in bf16 (`features.fungi.projection_dtype=bfloat16`; the reference ran them under
-  fp16 autocast; append `features.fungi.projection_dtype=float32` for the fp32 products).
+* `paper`: the FUNGI paper's recipe: dense projection, support negatives, gradient at attn.proj.
+
+FUNGI variants run at the default `features.fungi.gradient_dtype=auto`: the gradient half's matmuls (the
+backward after the layer, the projection) in bf16 where they are native (AMX CPUs, GPUs; the reference ran
+under fp16 autocast); append `features.fungi.gradient_dtype=float32` for fp32.
 
 Each child first times a bare forward pass (no-grad embeddings of `--batch` random images at a
 time, best of two passes) and reports every phase in seconds and as a ratio to forward seconds x
@@ -55,7 +57,7 @@ VARIANTS = {
     "plain": ["features.kind=embeddings"],
     "fungi": ["features.kind=fungi"],
     "paper": ["features.kind=fungi", "features.fungi.projection=dense", "features.fungi.negatives=support",
-              "features.fungi.layer=blocks.-1.attn.proj", "features.fungi.projection_dtype=bfloat16"],
+              "features.fungi.layer=blocks.-1.attn.proj"],
 }
 PHASES = ("bank", "index", "query_data", "query_forward", "search", "transfer", "upsample", "confusion", "total")
 

@@ -9,9 +9,12 @@ counts only this process's CPU seconds. Ratios are to the plain forward (`embedd
 features: one no-grad forward), which FUNGI's own forward replaces. Step shares are
 fractions of a variant's best round: forward (the no-grad backbone pass plus the recorded
 tail after the gradient layer), negatives (support search, gather, head), loss_backward
-(loss and the tail backward), projection, other.
+(loss and the tail backward), projection, other. `fungi_structured_none` is the default patch FUNGI
+(projection products in bf16 where matmuls run natively in bf16, `gradient_dtype=auto`);
+`fungi_structured_none_fp32` forces fp32 products.
 
     python tools/bench_features.py --backbone dinov2_vits14 --weights FILE --size 336x448
+    python tools/bench_features.py --backbone dino_vits16 --random-weights --size 512x512 --clock process --threads 1
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from unittest import mock
 
 import torch
@@ -44,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", required=True)
     parser.add_argument("--weights", default=None, help="local state dict; default: the hub weights")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random backbone weights (speed does not depend on them; no download)")
     parser.add_argument("--size", default="336x448", help="HxW input size (height first)")
     parser.add_argument("--images", type=int, default=4, help="timed images per variant and round")
     parser.add_argument("--batch", type=int, default=2)
@@ -52,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--support-images", type=int, default=16,
                         help="images whose patch embeddings form the support set of the negatives variant")
     parser.add_argument("--select", type=int, default=32, help="patches per image for the _select variant")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="time only these variants (and the plain forward); default: all")
     add_clock_arguments(parser, default_clock="wall")
     parser.add_argument("--device", default="cpu")
     return parser.parse_args()
@@ -134,23 +141,38 @@ def support_set(encoder: Encoder, images: torch.Tensor, batch: int) -> torch.Ten
 
 def make_variants(encoder: Encoder, args: argparse.Namespace,
                   support_images: torch.Tensor) -> dict[str, tuple[PatchFeatures, int | None]]:
-    """The timed extractors by result name, with their per-image patch selection (None: all)."""
-    dense = FungiPatchFeatures(encoder, projection="dense")  # one cached P for both dense variants
-    variants: dict[str, tuple[PatchFeatures, int | None]] = {
-        "forward": (EmbeddingFeatures(encoder), None),
-        "fungi_structured_none": (FungiPatchFeatures(encoder, projection="structured"), None),
-        "fungi_dense_none": (dense, None),
-        f"fungi_dense_none_select{args.select}": (dense, args.select),
-        "fungi_structured_support": (FungiPatchFeatures(encoder, negatives="support"), None),
+    """The timed extractors by result name (those of `--variants`, and `forward`), with their per-image patch
+    selection (None: all)."""
+    dense: list[FungiPatchFeatures] = []  # one cached P for both dense variants
+
+    def shared_dense() -> FungiPatchFeatures:
+        dense[:] = dense or [FungiPatchFeatures(encoder, projection="dense")]
+        return dense[0]
+
+    def with_support() -> FungiPatchFeatures:
+        extractor = FungiPatchFeatures(encoder, negatives="support")
+        extractor.set_support(support_set(encoder, support_images, args.batch))
+        return extractor
+
+    factories: dict[str, tuple[Callable[[], PatchFeatures], int | None]] = {
+        "forward": (lambda: EmbeddingFeatures(encoder), None),
+        "fungi_structured_none": (lambda: FungiPatchFeatures(encoder, projection="structured"), None),
+        "fungi_structured_none_fp32": (lambda: FungiPatchFeatures(encoder, gradient_dtype="float32"), None),
+        "fungi_dense_none": (shared_dense, None),
+        f"fungi_dense_none_select{args.select}": (shared_dense, args.select),
+        "fungi_structured_support": (with_support, None),
         # the variants of tools/fungi_study.py (structured projection, no negatives)
-        "fungi_kl": (FungiPatchFeatures(encoder, objective="kl"), None),
-        "fungi_dino": (FungiPatchFeatures(encoder, objective="dino"), None),
-        "fungi_fc2": (FungiPatchFeatures(encoder, layer="blocks.-1.mlp.fc2"), None),
-        "fungi_qkv": (FungiPatchFeatures(encoder, layer="blocks.-1.attn.qkv"), None),
-        "fungi_proj_4th_last_block": (FungiPatchFeatures(encoder, layer="blocks.-4.attn.proj"), None),
+        "fungi_kl": (lambda: FungiPatchFeatures(encoder, objective="kl"), None),
+        "fungi_dino": (lambda: FungiPatchFeatures(encoder, objective="dino"), None),
+        "fungi_fc2": (lambda: FungiPatchFeatures(encoder, layer="blocks.-1.mlp.fc2"), None),
+        "fungi_qkv": (lambda: FungiPatchFeatures(encoder, layer="blocks.-1.attn.qkv"), None),
+        "fungi_proj_4th_last_block": (lambda: FungiPatchFeatures(encoder, layer="blocks.-4.attn.proj"), None),
     }
-    variants["fungi_structured_support"][0].set_support(support_set(encoder, support_images, args.batch))
-    return variants
+    chosen = ["forward"] + [name for name in args.variants or factories if name != "forward"]
+    unknown = sorted(set(chosen) - set(factories))
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown}; choose from {sorted(factories)}")
+    return {name: (factories[name][0](), factories[name][1]) for name in chosen}
 
 
 def time_variants(variants: dict[str, tuple[PatchFeatures, int | None]], images: torch.Tensor,
@@ -199,7 +221,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     set_threads(args.threads)
     device = torch.device(args.device)
-    encoder = load_backbone(args.backbone, weights=args.weights, pretrained=args.weights is None, device=device)
+    pretrained = args.weights is None and not args.random_weights
+    encoder = load_backbone(args.backbone, weights=args.weights, pretrained=pretrained, device=device)
     print(json.dumps(benchmark(encoder, args, device), indent=2))
 
 

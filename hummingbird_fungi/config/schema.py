@@ -142,9 +142,10 @@ class FungiOptions(Section):
     grad_weight: float = option(1.0, check=at_least(0), doc="weight w of the gradient part")
     autocast: Autocast = option("auto", doc="bf16 autocast: auto (CUDA only), bf16 or off")
     token_chunk: int = option(1024, check=at_least(1), doc="tokens per projection block")
-    projection_dtype: Literal["auto", "float32", "bfloat16"] = option(
-        "auto", doc="dtype of the projection's matmuls: auto (bfloat16 under autocast, else float32), float32, or "
-                    "bfloat16 (several times faster where matmuls run natively in bf16: AMX CPUs, GPUs)")
+    gradient_dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "auto", doc="dtype of the matmuls that make the gradient half (the backward after the layer and the "
+                    "projection): auto (bfloat16 under autocast and where matmuls run natively in bf16: AMX CPUs, "
+                    "GPUs from compute capability 8.0; else float32), float32, or bfloat16; tokens stay as computed")
 
     def validate(self) -> None:
         if self.n_neg > self.neg_k:

@@ -33,6 +33,7 @@ Deviations from the reference, each with a switch:
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 from typing import Any, Sequence
 
@@ -49,7 +50,7 @@ from hummingbird_fungi.features.projection import build_projection
 from hummingbird_fungi.models.encoders import Encoder
 from hummingbird_fungi.registry import Registry
 from hummingbird_fungi.retrieval.indexes import merge_topk, row_slices
-from hummingbird_fungi.runtime import autocast, timed, use_autocast
+from hummingbird_fungi.runtime import autocast, bf16_matmuls, native_bf16_matmul, timed, use_autocast
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +224,7 @@ class FungiPatchFeatures(PatchFeatures):
             prefix = self.encoder.num_prefix_tokens
             g, a, tokens = (select_patches(t[:, prefix:], select) for t in (g, a, tokens))  # (B, n, .)
             with timed(self.step_times, "projection"):
-                phi = self._project(g.flatten(0, 1), a.flatten(0, 1))  # (B n, P)
-            return tokens, phi.view(*g.shape[:2], self.projection.out_dim)
+                return tokens, self._project(g, a)  # (B, n, P)
 
     def _gradients(self, images: Tensor, image_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Layer output-gradients g, layer inputs a and final tokens for all tokens of each image."""
@@ -235,7 +235,8 @@ class FungiPatchFeatures(PatchFeatures):
             negatives, keep = self._negatives(tokens.detach(), image_ids)
         with timed(self.step_times, "loss_backward"):
             loss = self.objective.loss(self, self.head(tokens), images, negatives, keep)
-            (g,) = torch.autograd.grad(loss, capture.output)
+            with bf16_matmuls(images.device) if self._bf16(images.device) else contextlib.nullcontext():
+                (g,) = torch.autograd.grad(loss, capture.output)
         return g.detach(), capture.input, tokens.detach()
 
     def _negatives(self, tokens: Tensor, image_ids: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
@@ -279,9 +280,15 @@ class FungiPatchFeatures(PatchFeatures):
             self.head_weight, self.head_bias = self.head_weight.to(x.device), self.head_bias.to(x.device)
         return x @ self.head_weight.T + self.head_bias
 
+    def _bf16(self, device: torch.device) -> bool:
+        """Whether the gradient half's matmuls run in bf16 on `device` (`gradient_dtype`)."""
+        choice = self.settings.gradient_dtype
+        return choice == "bfloat16" or (choice == "auto" and (use_autocast(self.autocast, device)
+                                                             or native_bf16_matmul(device)))
+
     def _project(self, g: Tensor, a: Tensor) -> Tensor:
-        """Project per-token gradients g (n, E_out), a (n, E_in) -> (n, P) in `projection_dtype`."""
-        choice = self.settings.projection_dtype
-        bf16 = choice == "bfloat16" or (choice == "auto" and use_autocast(self.autocast, g.device))
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        return self.projection.project_outer(g.to(dtype), a.to(dtype)).float()
+        """Project per-token gradients g (B, n, E_out), a (B, n, E_in) -> (B, n, P) fp32, in `gradient_dtype`."""
+        dtype = torch.bfloat16 if self._bf16(g.device) else torch.float32
+        g, a = g.to(dtype), a.to(dtype)  # a bf16 cast is the one copy: the flatten below is then a view
+        phi = self.projection.project_outer(g.flatten(0, 1), a.flatten(0, 1))  # (B n, P)
+        return phi.view(*g.shape[:2], self.projection.out_dim)

@@ -38,7 +38,7 @@ class GradientProjection(abc.ABC):
 
     @abc.abstractmethod
     def project_outer(self, g: Tensor, a: Tensor) -> Tensor:
-        """Project vec([g a^T | g]) for g (n, E_out), a (n, E_in) -> (n, out_dim), never forming it."""
+        """Project vec([g a^T | g]) for g (n, E_out), a (n, E_in) -> (n, out_dim) fp32, never forming it."""
 
     @abc.abstractmethod
     def project_full(self, G: Tensor) -> Tensor:
@@ -148,6 +148,8 @@ class StructuredProjection(GradientProjection):
     Equivalent to a P whose row k is vec(sum_r u_kr v_kr^T); with random signs or Gaussians it
     preserves inner products of gradient matrices like the dense P (same expected squared
     norm), at 2 R out_dim (E_out + E_in + 1) FLOPs per token instead of 2 out_dim E_out (E_in + 1).
+    The factors are drawn as columns k R + r and stored rank-major (column r out_dim + k), so the
+    sum over r adds R contiguous blocks.
     """
 
     DISTRIBUTIONS = ("sign", "gaussian")
@@ -163,8 +165,9 @@ class StructuredProjection(GradientProjection):
         self.rank, self.distribution = rank, distribution
         self.scale = 1.0 / math.sqrt(out_dim * rank)
         draws = generator(seed, rank)
-        self.u = self._draw((e_out, out_dim * rank), draws)  # columns k * R + r
-        self.v = self._draw((e_in + 1, out_dim * rank), draws)
+        self.u = self._rank_major(self._draw((e_out, out_dim * rank), draws))  # (E_out, R out_dim)
+        self.v = self._rank_major(self._draw((e_in + 1, out_dim * rank), draws))  # (E_in + 1, R out_dim)
+        self._cast: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def _draw(self, shape: tuple[int, int], generator: torch.Generator) -> Tensor:
         """Random factor matrix of `shape`, +-1 or standard normal."""
@@ -172,30 +175,35 @@ class StructuredProjection(GradientProjection):
             return torch.randn(shape, generator=generator)
         return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
 
+    def _rank_major(self, factor: Tensor) -> Tensor:
+        """Columns k R + r -> r out_dim + k."""
+        return factor.view(-1, self.out_dim, self.rank).transpose(1, 2).reshape(factor.shape[0], -1).contiguous()
+
     def _factors(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """u and v on the device and dtype of `like`."""
-        if self.u.device != like.device:
-            self.u, self.v = self.u.to(like.device), self.v.to(like.device)
-        return self.u.to(like.dtype), self.v.to(like.dtype)
+        """u and v on the device and in the dtype of `like` (converted once, then cached)."""
+        key = (like.device, like.dtype)
+        if key not in self._cast:
+            self._cast[key] = (self.u.to(like.device, like.dtype), self.v.to(like.device, like.dtype))
+        return self._cast[key]
 
     def project_outer(self, g: Tensor, a: Tensor) -> Tensor:
         self._check(g, a)
         a = a.to(g.dtype)
         u, v = self._factors(g)
-        out = g.new_empty(g.shape[0], self.out_dim)
+        out = g.new_empty(g.shape[0], self.out_dim, dtype=torch.float32)
         for t0 in range(0, g.shape[0], self.token_chunk):
             t1 = min(t0 + self.token_chunk, g.shape[0])
-            left = g[t0:t1] @ u  # (t, out R)
-            right = torch.addmm(v[-1], a[t0:t1], v[:-1])  # (t, out R)
-            out[t0:t1] = (left * right).view(-1, self.out_dim, self.rank).sum(-1)
-        return out * self.scale
+            left = g[t0:t1] @ u  # (t, R out)
+            left.mul_(torch.addmm(v[-1], a[t0:t1], v[:-1]))  # (t, R out)
+            torch.sum(left.view(t1 - t0, self.rank, self.out_dim), dim=1, dtype=torch.float32, out=out[t0:t1])
+        return out.mul_(self.scale)  # (n, out_dim)
 
     def project_full(self, G: Tensor) -> Tensor:
         if G.shape[1:] != (self.e_out, self.e_in + 1):
             raise ValueError(f"expected G (n, {self.e_out}, {self.e_in + 1}), got {tuple(G.shape)}")
         u, v = self._factors(G)
-        gv = G @ v  # (n, E_out, out R)
-        return (gv * u).sum(1).view(-1, self.out_dim, self.rank).sum(-1) * self.scale
+        gv = G @ v  # (n, E_out, R out)
+        return (gv * u).sum(1).view(-1, self.rank, self.out_dim).sum(1) * self.scale
 
     def options(self) -> dict[str, Any]:
         return {"kind": "structured", "out_dim": self.out_dim, "seed": self.seed,
