@@ -78,6 +78,11 @@ def generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(derived_seed(*keys))
 
 
+def sample_ids(total: int, count: int, seed: int) -> torch.Tensor:
+    """`count` of `total` ids drawn uniformly without replacement with `seed`, sorted -> (min(count, total),) int64."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+
+
 def synchronize() -> None:
     """Wait for queued CUDA work (so wall-clock timings are real)."""
     if torch.cuda.is_available():

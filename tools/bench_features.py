@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -143,11 +144,7 @@ def make_variants(encoder: Encoder, args: argparse.Namespace,
                   support_images: torch.Tensor) -> dict[str, tuple[PatchFeatures, int | None]]:
     """The timed extractors by result name (those of `--variants`, and `forward`), with their per-image patch
     selection (None: all)."""
-    dense: list[FungiPatchFeatures] = []  # one cached P for both dense variants
-
-    def shared_dense() -> FungiPatchFeatures:
-        dense[:] = dense or [FungiPatchFeatures(encoder, projection="dense")]
-        return dense[0]
+    shared_dense = functools.cache(lambda: FungiPatchFeatures(encoder, projection="dense"))  # one P for both
 
     def with_support() -> FungiPatchFeatures:
         extractor = FungiPatchFeatures(encoder, negatives="support")

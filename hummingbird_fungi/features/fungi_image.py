@@ -48,7 +48,7 @@ from hummingbird_fungi.features.losses import dino_loss, info_nce, kl_uniform_lo
 from hummingbird_fungi.features.projection import build_projection
 from hummingbird_fungi.models.encoders import Encoder
 from hummingbird_fungi.registry import Registry
-from hummingbird_fungi.runtime import autocast, derived_seed, use_autocast
+from hummingbird_fungi.runtime import autocast, derived_seed, sample_ids, use_autocast
 
 OBJECTIVES = ("kl", "dino", "simclr")
 BLOCKS = ("emb",) + OBJECTIVES  # feature blocks in concatenation order
@@ -258,8 +258,8 @@ class SimCLRObjective(ImageObjective):
 
     def negative_images(self, num_train: int) -> list[int]:
         """Training-set indices of the negative images: a seeded permutation's first `negatives`."""
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, OBJECTIVES.index(self.name), 1))
-        return torch.randperm(num_train, generator=generator)[:self.num_negatives].sort().values.tolist()
+        seed = derived_seed(self.seed, OBJECTIVES.index(self.name), 1)
+        return sample_ids(num_train, self.num_negatives, seed).tolist()
 
     def set_negatives(self, embeddings: Tensor, image_ids: list[int]) -> None:
         """Store the negatives' latents head(emb) from their view embeddings (M, E)."""

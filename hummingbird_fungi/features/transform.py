@@ -24,6 +24,7 @@ from hummingbird_fungi.config.schema import TransformOptions
 from hummingbird_fungi.errors import ConfigError, DataError
 from hummingbird_fungi.features.base import PatchFeatures
 from hummingbird_fungi.features.pca import Pca
+from hummingbird_fungi.runtime import sample_ids
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,7 @@ class FeatureTransform:
     def fit_sample(cls, rows: Tensor, options: TransformOptions, seed: int) -> "FeatureTransform":
         """Fit on a uniform sample of `options.fit_rows` of raw rows (n, D) in memory, drawn with `seed` as
         `MemoryBank.sample_features` draws a bank's rows."""
-        ids = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:options.fit_rows]
-        return cls.fit(rows[ids.sort().values].float(), options, seed)
+        return cls.fit(rows[sample_ids(len(rows), options.fit_rows, seed)].float(), options, seed)
 
     @property
     def dim(self) -> int:

@@ -33,6 +33,7 @@ import torch
 from hummingbird_fungi.data.segmentation import palette_problem
 from hummingbird_fungi.errors import BankMismatchError, DataError
 from hummingbird_fungi.fileio import json_safe, make_dirs, remove_temp_files, save_npy_atomic, write_atomic
+from hummingbird_fungi.runtime import sample_ids
 
 log = logging.getLogger(__name__)
 
@@ -337,9 +338,7 @@ class MemoryBank:
     def sample_features(self, count: int, seed: int = 0) -> torch.Tensor:
         """Features of `count` rows drawn uniformly without replacement (seeded) -> (min(count, M), D) float32, as
         `gather_features` reads them (mapped by the transform when there is one)."""
-        gen = torch.Generator().manual_seed(seed)
-        ids = torch.randperm(self.count, generator=gen)[:count].sort().values  # sorted: sequential reads
-        return self.gather_features(ids)
+        return self.gather_features(sample_ids(self.count, count, seed))  # sorted: sequential reads
 
 
 class BankWriter:
